@@ -1,0 +1,31 @@
+# slotlab: `make demo` trains the CPU demo, `make test` runs the test suite. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m slotlab train --preset sprites-cpu --out runs/demo || test -f runs/demo/checkpoints/last.pt
+	$(BIN)/python -m slotlab train --resume runs/demo
+	$(BIN)/python -m slotlab eval runs/demo
+	@echo "demo run: runs/demo (curves.png, eval/metrics.json, eval/masks.png, eval/slots.png)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,5 @@
+import sys
+
+from slotlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""``slotlab <command>``: each command parses its arguments and calls one library function.
+
+A user mistake (:class:`~slotlab.errors.UserError`, or bad arguments) prints one line ``error: ...`` on stderr and
+exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from slotlab.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, no usage dump
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _resolve_config(args: argparse.Namespace):
+    from slotlab.config import apply_overrides, get_preset
+
+    return apply_overrides(get_preset(args.preset), args.set or [])
+
+
+# ------------------------------------------------------------------------------------------------------ handlers
+def cmd_train(args: argparse.Namespace) -> None:
+    from slotlab.train.loop import resume, train
+
+    if args.resume:
+        if args.preset or args.out:
+            raise UserError("--resume RUN_DIR takes no --preset or --out (the run directory has its config)")
+        resume(Path(args.resume), args.set or [])
+        return
+    if not args.preset or not args.out:
+        raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR)")
+    train(_resolve_config(args), Path(args.out))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from slotlab.evaluate import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), args.split, args.checkpoint, args.limit, args.batch_size,
+                           args.device)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from slotlab.report.html import write_report
+
+    print(write_report(Path(args.run_dir)))
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from slotlab.config import PRESETS, list_presets
+
+    for name in list_presets():
+        doc = (PRESETS[name].__doc__ or "").strip().splitlines()
+        print(f"{name:24s} {doc[0] if doc else ''}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from slotlab.config import config_to_dict
+
+    print(json.dumps(config_to_dict(_resolve_config(args)), indent=2))
+
+
+def cmd_data_render(args: argparse.Namespace) -> None:
+    from slotlab.data.render import render_dataset
+
+    render_dataset(variant=args.variant, num_scenes=args.n, out_dir=Path(args.out), seed=args.seed,
+                   workers=args.workers, size=args.size, shapes=args.shapes)
+
+
+def cmd_data_cache(args: argparse.Namespace) -> None:
+    from slotlab.data.cache import cache_dataset
+
+    print(cache_dataset(_resolve_config(args).data, splits=args.splits))
+
+
+def cmd_library(args: argparse.Namespace) -> None:
+    from slotlab.generate.slot_library import build_library
+
+    print(build_library(Path(args.run_dir), split=args.split, batch_size=args.batch_size, device=args.device))
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    from slotlab.generate.compose import compose
+
+    result = compose(Path(args.run_dir), num_images=args.n, clusters=args.clusters, seed=args.seed,
+                     device=args.device)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_mix(args: argparse.Namespace) -> None:
+    from slotlab.generate.mix import mix
+
+    print(mix(Path(args.run_dir), args.a, args.b, take_from_b=args.take_from_b, pixels=args.pixels,
+              split=args.split, device=args.device))
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    from slotlab.metrics.fid import fid_between_folders
+
+    result = fid_between_folders(Path(args.dir_a), Path(args.dir_b), kid=not args.no_kid, device=args.device)
+    for name, value in result.items():
+        if name != "fid":
+            print(f"{name.upper()} {value}")
+    print(f"FID {result['fid']}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from slotlab.report.compare import compare_runs
+
+    print(compare_runs([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None))
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from slotlab.generate.edit import edit
+
+    print(edit(Path(args.run_dir), image=args.image, slot=args.slot, variable=args.variable, code=args.code,
+               split=args.split, device=args.device))
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--preset", required=required, help="named preset (see `slotlab presets`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="slotlab", description="Object-centric learning with Slot Attention.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, handler: Callable, help_: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("train", cmd_train, "train a model: --preset P --out RUN_DIR, or --resume RUN_DIR")
+    p.add_argument("--preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--out", help="new run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+    p = add("eval", cmd_eval, "score a run on a split; writes RUN_DIR/eval/")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = add("report", cmd_report, "write RUN_DIR/report.html and report.md")
+    p.add_argument("run_dir")
+
+    add("presets", cmd_presets, "list the named presets")
+    p = add("config", cmd_config, "print the resolved config of a preset with overrides")
+    _add_config_args(p)
+
+    data = add("data", None, "make or prepare datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = add("render", cmd_data_render, "render CLEVRTex-like 3D scenes in the CLEVRTex layout", data_sub)
+    p.add_argument("--variant", required=True, choices=["clevr", "tex"])
+    p.add_argument("--n", type=int, required=True, help="number of scenes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--size", default="240x320", help="HxW of the rendered images")
+    p.add_argument("--shapes", default="", help="comma-separated shapes (default: sphere,cube,cylinder)")
+    p = add("cache", cmd_data_cache, "write a dataset's prepared splits as memory-mapped uint8 arrays", data_sub)
+    _add_config_args(p)
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+
+    p = add("library", cmd_library, "encode a split into a slot library")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = add("compose", cmd_compose, "K-means over the slot library, sample one slot per cluster, decode, FID")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=0, help="number of scenes (0 = number of val images)")
+    p.add_argument("--clusters", type=int, default=0, help="K-means clusters (0 = number of slots)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+    p = add("mix", cmd_mix, "swap slots between two images and decode")
+    p.add_argument("run_dir")
+    p.add_argument("--a", type=int, required=True, help="index of image A in the split")
+    p.add_argument("--b", type=int, required=True, help="index of image B in the split")
+    p.add_argument("--take-from-b", default="", help="slot indices of B to put into A, e.g. 1,3")
+    p.add_argument("--pixels", default="", help="or: y,x pixels of B whose objects move, e.g. 10,12;30,4")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+
+    p = add("fid", cmd_fid, "clean-fid (and KID) between two image folders; last line: FID <value>")
+    p.add_argument("dir_a")
+    p.add_argument("dir_b")
+    p.add_argument("--no-kid", action="store_true")
+    p.add_argument("--device", default="auto")
+
+    p = add("compare", cmd_compare, "a table of metrics across runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="", help="also write the table here (.md or .csv)")
+
+    p = add("edit", cmd_edit, "change one discrete latent variable of one slot (VQ-SA runs) and re-decode")
+    p.add_argument("run_dir")
+    p.add_argument("--image", type=int, required=True)
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--variable", type=int, required=True)
+    p.add_argument("--code", type=int, required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Spatial broadcast decoder (Watters et al. 2019) with alpha compositing over slots (Slot Attention paper).
+
+Each slot ``[D]`` is tiled on a small grid, given a position embedding, upsampled by transposed convolutions to
+``H x W`` and read as 4 channels: 1 mask logit + 3 RGB. Masks are a softmax over slots; the image is the
+mask-weighted sum of the slots' RGB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slotlab.models.encoders import SoftPositionEmbed
+
+
+@dataclass
+class DecoderOutput:
+    """What every decoder's ``decode(slots)`` returns."""
+
+    recon: torch.Tensor  # [B, 3, H, W] in about [-1, 1]
+    masks: torch.Tensor | None = None  # [B, K, H, W], sums to 1 over K (None for decoders without alpha masks)
+    slot_recons: torch.Tensor | None = None  # [B, K, 3, H, W], each slot's own RGB
+
+
+class SpatialBroadcastDecoder(nn.Module):
+    """Decode ``slots [B, K, D]`` to an image ``[B, 3, H, W]`` with per-slot masks.
+
+    Args:
+        slot_dim: D.
+        resolution: output side H = W; must be ``grid * 2**n``.
+        channels: width of the transposed convolutions.
+        grid: side of the grid each slot is broadcast to (8 in the paper's CLEVR decoder).
+    """
+
+    def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8):
+        super().__init__()
+        upsamplings = math.log2(resolution / grid)
+        if upsamplings < 0 or not upsamplings.is_integer():
+            raise ValueError(f"decoder: resolution {resolution} is not grid {grid} times a power of two")
+        self.grid = grid
+        self.pos = SoftPositionEmbed(slot_dim)
+        layers: list[nn.Module] = []
+        in_channels = slot_dim
+        for _ in range(int(upsamplings)):
+            layers += [nn.ConvTranspose2d(in_channels, channels, 5, stride=2, padding=2, output_padding=1),
+                       nn.ReLU(inplace=True)]
+            in_channels = channels
+        layers += [nn.ConvTranspose2d(in_channels, channels, 5, stride=1, padding=2), nn.ReLU(inplace=True),
+                   nn.ConvTranspose2d(channels, 4, 3, stride=1, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, slots: torch.Tensor) -> DecoderOutput:
+        return self.decode(slots)
+
+    def decode(self, slots: torch.Tensor) -> DecoderOutput:
+        b, k, d = slots.shape
+        # All B*K slots go through the convolutions as one batch.
+        grid = slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
+        out = self.net(self.pos(grid))  # [B*K, 4, H, W]
+        out = out.reshape(b, k, 4, *out.shape[-2:])  # [B, K, 4, H, W]
+        slot_recons, mask_logits = out[:, :, 1:], out[:, :, 0]  # [B, K, 3, H, W], [B, K, H, W]
+        masks = mask_logits.softmax(dim=1)  # [B, K, H, W], softmax over slots
+        recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, H, W]
+        return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)

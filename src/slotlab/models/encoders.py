@@ -1,0 +1,106 @@
+"""CNN encoders and the soft 2D position embedding that turn an image into Slot Attention inputs.
+
+image ``[B, 3, H, W]`` -> CNN -> ``[B, C, H, W]`` -> + position embedding -> flatten -> LayerNorm + MLP ->
+inputs ``[B, N, D_inputs]`` with ``N = H * W`` (stride 1 throughout, as in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slotlab.registry import Registry
+
+ENCODERS: Registry[nn.Module] = Registry("encoder")
+
+
+def position_grid(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """The 4-channel grid ``(x, y, 1 - x, 1 - y)`` with x, y in [0, 1]: ``[H, W, 4]``."""
+    ys = torch.linspace(0.0, 1.0, height, device=device)
+    xs = torch.linspace(0.0, 1.0, width, device=device)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
+    return torch.stack([x, y, 1.0 - x, 1.0 - y], dim=-1)  # [H, W, 4]
+
+
+class SoftPositionEmbed(nn.Module):
+    """Adds a learned linear projection of :func:`position_grid` to a channels-first feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(4, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = features.shape
+        grid = position_grid(h, w, features.device).to(features.dtype)  # [H, W, 4]
+        return features + self.proj(grid).permute(2, 0, 1).unsqueeze(0)  # [B, C, H, W]
+
+
+@ENCODERS.register("paper_cnn")
+class PaperCNN(nn.Sequential):
+    """The Slot Attention paper's encoder: 4 conv layers, 5x5 kernels, ReLU, stride 1."""
+
+    def __init__(self, channels: int = 64):
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for _ in range(4):
+            layers += [nn.Conv2d(in_channels, channels, 5, padding=2), nn.ReLU(inplace=True)]
+            in_channels = channels
+        super().__init__(*layers)
+        self.out_channels = channels
+
+
+class ResidualBlock(nn.Module):
+    """Two 5x5 convs with a skip connection (1x1 projection when the width changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 5, padding=2), nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 5, padding=2),
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+@ENCODERS.register("resnet")
+class ResNetEncoder(nn.Module):
+    """Report 001's deeper encoder: conv 3->16, six residual blocks growing to 32 and 64, then a projection."""
+
+    widths = (16, 16, 32, 32, 64, 64)
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, self.widths[0], 5, padding=2), nn.ReLU(inplace=True))
+        blocks, in_channels = [], self.widths[0]
+        for width in self.widths:
+            blocks.append(ResidualBlock(in_channels, width))
+            in_channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.proj = nn.Conv2d(in_channels, channels, 1)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.blocks(self.stem(x)))
+
+
+class ImageEncoder(nn.Module):
+    """CNN + soft position embedding + flatten + LayerNorm + MLP: image -> Slot Attention inputs."""
+
+    def __init__(self, name: str, channels: int, input_dim: int):
+        super().__init__()
+        self.cnn = ENCODERS.build(name, channels)
+        out_channels = self.cnn.out_channels
+        self.pos = SoftPositionEmbed(out_channels)
+        self.norm = nn.LayerNorm(out_channels)
+        self.mlp = nn.Sequential(nn.Linear(out_channels, input_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(input_dim, input_dim))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``image [B, 3, H, W]`` -> ``(inputs [B, N, D_inputs], (h, w))`` of the feature grid."""
+        features = self.pos(self.cnn(image))  # [B, C, h, w]
+        h, w = features.shape[-2:]
+        tokens = features.flatten(2).transpose(1, 2)  # [B, N, C]
+        return self.mlp(self.norm(tokens)), (h, w)  # [B, N, D_inputs]

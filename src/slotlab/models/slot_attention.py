@@ -1,0 +1,141 @@
+"""Slot Attention (Locatello et al. 2020, Algorithm 1) and its slot initialisations.
+
+Shapes: inputs ``[B, N, D_in]``, slots ``[B, K, D]``, attention ``[B, K, N]`` (softmax over the K slots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slotlab.registry import Registry
+
+SLOT_INITS: Registry[nn.Module] = Registry("slot initialisation")
+GROUPINGS: Registry[nn.Module] = Registry("grouping module")
+
+
+@dataclass
+class GroupingOutput:
+    """What every grouping module returns."""
+
+    slots: torch.Tensor  # [B, K, D]
+    attn: torch.Tensor  # [B, K, N], sums to 1 over K; the last iteration's
+    attn_per_iter: list[torch.Tensor] | None = None  # T x [B, K, N], for visualisation
+
+
+@SLOT_INITS.register("gaussian")
+class GaussianSlotInit(nn.Module):
+    """slots ~ N(mu, diag(sigma^2)) with learnable mu and log-sigma; K may change at inference."""
+
+    def __init__(self, num_slots: int, dim: int):
+        super().__init__()
+        self.num_slots = num_slots
+        self.mu = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.log_sigma = nn.Parameter(torch.full((1, 1, dim), math.log(dim**-0.5)))
+
+    def forward(self, batch_size: int, num_slots: int | None = None) -> torch.Tensor:
+        k = num_slots or self.num_slots
+        noise = torch.randn(batch_size, k, self.mu.shape[-1], device=self.mu.device, dtype=self.mu.dtype)
+        return self.mu + self.log_sigma.exp() * noise  # [B, K, D]
+
+
+@SLOT_INITS.register("learned")
+class LearnedSlotInit(nn.Module):
+    """K learnable fixed initial slots (report 001); the number of slots is fixed."""
+
+    def __init__(self, num_slots: int, dim: int):
+        super().__init__()
+        self.num_slots = num_slots
+        self.slots = nn.Parameter(torch.randn(1, num_slots, dim) * dim**-0.5)
+
+    def forward(self, batch_size: int, num_slots: int | None = None) -> torch.Tensor:
+        if num_slots not in (None, self.num_slots):
+            raise ValueError(f"learned slot queries are fixed at K={self.num_slots}, got num_slots={num_slots}")
+        return self.slots.expand(batch_size, -1, -1)  # [B, K, D]
+
+
+class SlotAttention(nn.Module):
+    """Slot Attention, Algorithm 1 of Locatello et al. (2020).
+
+    Args:
+        num_slots: K, the default number of slots.
+        dim: D, the slot size (and the attention size).
+        iters: T, the number of attention iterations.
+        hidden_dim: width of the residual slot MLP.
+        eps: added to the attention weights before the weighted mean.
+        input_dim: D_inputs (defaults to ``dim``).
+        slot_init: ``"gaussian"`` (learnable mu and sigma) or ``"learned"`` (K fixed queries), see :data:`SLOT_INITS`.
+        detach_last: BO-QSA's bi-level trick: iterate T-1 times without gradient, then once more with gradient
+            (a straight-through estimate that lets learned queries receive gradient).
+
+    Example:
+        >>> sa = SlotAttention(num_slots=5, dim=32)
+        >>> out = sa(torch.randn(2, 100, 32))
+        >>> out.slots.shape, out.attn.shape
+        (torch.Size([2, 5, 32]), torch.Size([2, 5, 100]))
+    """
+
+    def __init__(self, num_slots: int, dim: int, iters: int = 3, hidden_dim: int = 128, eps: float = 1e-8,
+                 input_dim: int | None = None, slot_init: str = "gaussian", detach_last: bool = False):
+        super().__init__()
+        input_dim = input_dim or dim
+        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.scale = dim**-0.5
+        self.detach_last = detach_last
+        self.init = SLOT_INITS.build(slot_init, num_slots, dim)
+        self.norm_inputs = nn.LayerNorm(input_dim)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(input_dim, 2 * dim, bias=False)  # k and v fused into one matmul
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
+
+    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration: attend (softmax over slots), weighted mean, GRU, residual MLP."""
+        b, num_slots, d = slots.shape
+        slots_prev = slots
+        q = self.to_q(self.norm_slots(slots))  # [B, K, D]
+        logits = torch.einsum("bnd,bkd->bkn", k, q) * self.scale  # [B, K, N]
+        attn = logits.softmax(dim=1)  # [B, K, N], normalised over slots: slots compete for inputs
+        weights = attn + self.eps
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # [B, K, N], weighted mean over inputs
+        updates = torch.bmm(weights, v)  # [B, K, D]
+        slots = self.gru(updates.reshape(-1, d), slots_prev.reshape(-1, d)).reshape(b, num_slots, d)
+        slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
+        return slots, attn
+
+    def forward(self, inputs: torch.Tensor, num_slots: int | None = None,
+                slots: torch.Tensor | None = None) -> GroupingOutput:
+        """Group ``inputs [B, N, D_in]`` into slots; ``slots`` overrides the initialisation (e.g. to test it)."""
+        b = inputs.shape[0]
+        inputs = self.norm_inputs(inputs)  # [B, N, D_in]
+        k, v = self.to_kv(inputs).chunk(2, dim=-1)  # [B, N, D] each
+        init_slots = self.init(b, num_slots) if slots is None else slots  # [B, K, D]
+        slots = init_slots
+        attn_per_iter = []
+        for t in range(self.iters):
+            if self.detach_last and t == self.iters - 1:
+                # BO-QSA: gradient skips the earlier iterations and reaches the queries straight through.
+                slots = slots.detach() + init_slots - init_slots.detach()
+            slots, attn = self.step(slots, k, v)
+            attn_per_iter.append(attn)
+        return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
+
+
+@GROUPINGS.register("slot_attention")
+def _build_slot_attention(cfg) -> SlotAttention:
+    return SlotAttention(
+        num_slots=cfg.num_slots, dim=cfg.slot_dim, iters=cfg.iters, hidden_dim=cfg.slot_hidden_dim, eps=cfg.eps,
+        input_dim=cfg.input_dim, slot_init="learned" if cfg.slot_init == "bo_qsa" else cfg.slot_init,
+        detach_last=cfg.slot_init == "bo_qsa",
+    )
+
+
+def build_grouping(cfg) -> nn.Module:
+    """The grouping module named by ``cfg.grouping`` (a :class:`~slotlab.config.ModelConfig`)."""
+    return GROUPINGS.build(cfg.grouping, cfg)
+
