@@ -1,0 +1,1 @@
+"""Slot-conditioned latent diffusion decoder (SlotDiffusion, Part 2)."""

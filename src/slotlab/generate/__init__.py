@@ -1,0 +1,1 @@
+"""Generation from slots: slot library, compositional generation, slot mixing, editing."""
