@@ -1,0 +1,48 @@
+"""Presets, overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from slotlab.config import (
+    apply_overrides, config_from_dict, config_to_dict, get_preset, list_presets, load_config, save_config,
+)
+from slotlab.errors import UserError
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(get_preset("smoke"), ["train.lr=0.01", "model.num_slots=9", "data.cache=false",
+                                                "data.name=sprites"])
+    assert cfg.train.lr == 0.01 and cfg.model.num_slots == 9 and cfg.data.cache is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key"),
+    ("train.steps=abc", "expected a value of type int"),
+    ("data.cache=maybe", "expected a value of type bool"),
+    ("train=3", "is a section"),
+    ("steps", "key=value"),
+])
+def test_bad_overrides_raise_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        apply_overrides(get_preset("smoke"), [override])
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        get_preset("nope")
+
+
+def test_every_preset_round_trips_through_json(tmp_path):
+    for name in list_presets():
+        cfg = get_preset(name)
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+        save_config(cfg, tmp_path / f"{name}.json")
+        assert load_config(tmp_path / f"{name}.json") == cfg
+
+
+def test_corrupt_config_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="corrupt config"):
+        load_config(path)

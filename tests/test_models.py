@@ -1,0 +1,113 @@
+"""Shapes, invariances and gradients of the spine's model (Slot Attention autoencoder)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slotlab.config import apply_overrides, get_preset
+from slotlab.models import SlotAttention, SlotAutoencoder, SpatialBroadcastDecoder, build_model, position_grid
+
+
+def test_slot_attention_shapes_and_softmax_over_slots():
+    torch.manual_seed(0)
+    sa = SlotAttention(num_slots=5, dim=32, iters=3, hidden_dim=64, input_dim=24)
+    out = sa(torch.randn(2, 50, 24))
+    assert out.slots.shape == (2, 5, 32)
+    assert out.attn.shape == (2, 5, 50)
+    assert len(out.attn_per_iter) == 3
+    torch.testing.assert_close(out.attn.sum(dim=1), torch.ones(2, 50))
+
+
+def test_number_of_slots_can_change_at_inference_with_gaussian_init():
+    sa = SlotAttention(num_slots=4, dim=16)
+    assert sa(torch.randn(1, 10, 16), num_slots=9).slots.shape == (1, 9, 16)
+
+
+def test_learned_init_refuses_another_number_of_slots():
+    sa = SlotAttention(num_slots=4, dim=16, slot_init="learned")
+    with pytest.raises(ValueError):
+        sa(torch.randn(1, 10, 16), num_slots=6)
+
+
+def test_permuting_initial_slots_permutes_output_slots():
+    torch.manual_seed(0)
+    sa = SlotAttention(num_slots=6, dim=16, hidden_dim=32).eval()
+    inputs = torch.randn(3, 40, 16)
+    init = torch.randn(3, 6, 16)
+    perm = torch.randperm(6)
+    out = sa(inputs, slots=init)
+    out_perm = sa(inputs, slots=init[:, perm])
+    torch.testing.assert_close(out_perm.slots, out.slots[:, perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_perm.attn, out.attn[:, perm], atol=1e-5, rtol=1e-5)
+
+
+def test_permuting_inputs_permutes_attention_and_keeps_slots():
+    torch.manual_seed(0)
+    sa = SlotAttention(num_slots=4, dim=16).eval()
+    inputs, init = torch.randn(2, 30, 16), torch.randn(2, 4, 16)
+    perm = torch.randperm(30)
+    out, out_perm = sa(inputs, slots=init), sa(inputs[:, perm], slots=init)
+    torch.testing.assert_close(out_perm.slots, out.slots, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_perm.attn, out.attn[:, :, perm], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_mu_and_sigma():
+    sa = SlotAttention(num_slots=3, dim=8, hidden_dim=16)
+    sa(torch.randn(2, 12, 8)).slots.pow(2).sum().backward()
+    assert sa.init.mu.grad is not None and sa.init.mu.grad.abs().sum() > 0
+    assert sa.init.log_sigma.grad is not None and sa.init.log_sigma.grad.abs().sum() > 0
+
+
+def test_bo_qsa_queries_get_gradient():
+    sa = SlotAttention(num_slots=3, dim=8, slot_init="learned", detach_last=True)
+    sa(torch.randn(2, 12, 8)).slots.sum().backward()
+    assert sa.init.slots.grad is not None and sa.init.slots.grad.abs().sum() > 0
+
+
+def test_position_grid_corners():
+    grid = position_grid(3, 5)
+    assert grid.shape == (3, 5, 4)
+    torch.testing.assert_close(grid[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(grid[-1, -1], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+def test_decoder_masks_sum_to_one_and_recon_is_the_mask_weighted_sum():
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(slot_dim=16, resolution=32, channels=8, grid=8)
+    out = decoder.decode(torch.randn(2, 5, 16))
+    assert out.masks.shape == (2, 5, 32, 32)
+    assert out.slot_recons.shape == (2, 5, 3, 32, 32)
+    torch.testing.assert_close(out.masks.sum(dim=1), torch.ones(2, 32, 32))
+    torch.testing.assert_close(out.recon, (out.masks.unsqueeze(2) * out.slot_recons).sum(1))
+
+
+def test_decoder_rejects_a_resolution_that_is_not_grid_times_power_of_two():
+    with pytest.raises(ValueError):
+        SpatialBroadcastDecoder(slot_dim=8, resolution=40, grid=8)
+
+
+@pytest.mark.parametrize("encoder", ["paper_cnn", "resnet"])
+def test_autoencoder_output_shapes(encoder):
+    config = apply_overrides(get_preset("smoke"), [f"model.encoder={encoder}"])
+    model = build_model(config)
+    assert isinstance(model, SlotAutoencoder)
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = model(image)
+    k, d = config.model.num_slots, config.model.slot_dim
+    assert out.recon.shape == (2, 3, 16, 16)
+    assert out.masks.shape == (2, k, 16, 16)
+    assert out.slot_recons.shape == (2, k, 3, 16, 16)
+    assert out.slots.shape == (2, k, d)
+    assert out.attn.shape == (2, k, 16 * 16)  # stride 1: N = H * W
+    torch.testing.assert_close(out.masks.sum(1), torch.ones(2, 16, 16))
+
+
+def test_loss_is_the_mse_of_the_reconstruction():
+    model = build_model(get_preset("smoke"))
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    loss, logs = model.compute_loss({"image": image})
+    torch.manual_seed(1)
+    expected = (model(image).recon - image).pow(2).mean()
+    torch.testing.assert_close(loss, expected)

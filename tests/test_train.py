@@ -1,0 +1,138 @@
+"""Training loop: one step of every preset, exact resume, signals, non-finite loss, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slotlab.config import apply_overrides, get_preset, list_presets
+from slotlab.errors import UserError
+from slotlab.train.checkpoint import load_checkpoint
+from slotlab.train.loop import TrainingError, Trainer, resume, train
+from slotlab.train.schedule import lr_at
+
+SMOKE = ["train.log_every=1", "train.ckpt_every=1", "train.val_every=2"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_smoke_run_writes_the_run_directory(tmp_path):
+    train(apply_overrides(get_preset("smoke"), SMOKE), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.json", "checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "curves.png"):
+        assert (run / name).exists(), name
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] == 2
+    assert any((run / "tb").iterdir())
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=6"])
+    train(base, tmp_path / "full")
+    train(apply_overrides(base, ["train.steps=3"]), tmp_path / "split")
+    resume(tmp_path / "split", ["train.steps=6"])
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    full = load_checkpoint(tmp_path / "full/checkpoints/last.pt")["model"]
+    split = load_checkpoint(tmp_path / "split/checkpoints/last.pt")["model"]
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
+
+
+def test_training_into_an_existing_run_is_refused(tmp_path):
+    train(apply_overrides(get_preset("smoke"), SMOKE), tmp_path / "run")
+    before = (tmp_path / "run/checkpoints/last.pt").read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        train(get_preset("smoke"), tmp_path / "run")
+    assert (tmp_path / "run/checkpoints/last.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=5"])
+    trainer = Trainer(config, tmp_path / "run")
+    original = trainer.model.compute_loss
+
+    def exploding(batch, step):
+        loss, logs = original(batch, step)
+        return (loss * float("nan") if step >= 3 else loss), logs
+
+    trainer.loss_fn = exploding
+    with pytest.raises(TrainingError, match="at step 4"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_lr_schedules():
+    cfg = get_preset("smoke").train
+    exp = apply_overrides(get_preset("smoke"), ["train.warmup_steps=10", "train.decay_steps=100"]).train
+    assert lr_at(4, exp) == pytest.approx(exp.lr * 0.5 * 0.5 ** (4 / 100))
+    assert lr_at(100, exp) == pytest.approx(exp.lr * 0.5)
+    cos = apply_overrides(get_preset("smoke"), ["train.schedule=warmup_cosine", "train.warmup_steps=10",
+                                                "train.steps=110"]).train
+    assert lr_at(9, cos) == pytest.approx(cos.lr)
+    assert lr_at(60, cos) == pytest.approx(cos.lr / 2)
+    assert lr_at(110, cos) == pytest.approx(0.0)
+    assert cfg.lr > 0
+
+
+def _presets_with_procedural_data() -> list[str]:
+    return [name for name in list_presets() if get_preset(name).data.name == "sprites"]
+
+
+@pytest.mark.parametrize("name", _presets_with_procedural_data())
+def test_every_sprites_preset_runs_one_step(name, tmp_path):
+    config = apply_overrides(get_preset(name), [
+        "train.steps=1", "train.batch_size=2", "train.val_batches=1", "train.compile=false",
+        "data.num_train=4", "data.num_val=2",
+    ])
+    trainer = Trainer(config, tmp_path)
+    logs = trainer.train_step()
+    assert torch.isfinite(logs["loss"])
+
+
+def _run_cli(args: list[str], log: Path) -> subprocess.Popen:
+    """Run the CLI in a subprocess; output goes to a file (a pipe nobody reads would block the progress bar)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "slotlab", *args], stdout=handle, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+
+
+def _wait_for_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if path.exists() and load_checkpoint(path)["step"] >= 3:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at {path} (process returned {process.poll()})")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sig):
+    args = ["--preset", "smoke", "--set", "train.steps=400", "--set", "train.log_every=1",
+            "--set", "train.ckpt_every=1", "--set", "train.val_every=1000"]
+    reference = _run_cli(["train", *args, "--out", str(tmp_path / "ref")], tmp_path / "ref.log")
+    interrupted = _run_cli(["train", *args, "--out", str(tmp_path / "run")], tmp_path / "run.log")
+    _wait_for_checkpoint(tmp_path / "run/checkpoints/last.pt", interrupted)
+    interrupted.send_signal(sig)
+    interrupted.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        log = (tmp_path / "run.log").read_text()
+        assert interrupted.returncode == 0 and "Traceback" not in log and "stopped by SIGTERM" in log
+    stopped_at = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"]
+    resumed = _run_cli(["train", "--resume", str(tmp_path / "run")], tmp_path / "resume.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-2000:]
+    assert reference.wait(timeout=300) == 0
+    assert stopped_at < 400
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
