@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from slotlab.config import (
-    apply_overrides, config_from_dict, config_to_dict, get_preset, list_presets, load_config, save_config,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+    list_presets,
+    load_config,
+    save_config,
 )
 from slotlab.errors import UserError
 

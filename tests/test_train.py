@@ -16,7 +16,7 @@ import torch
 from slotlab.config import apply_overrides, get_preset, list_presets
 from slotlab.errors import UserError
 from slotlab.train.checkpoint import load_checkpoint
-from slotlab.train.loop import TrainingError, Trainer, resume, train
+from slotlab.train.loop import Trainer, TrainingError, resume, train
 from slotlab.train.schedule import lr_at
 
 SMOKE = ["train.log_every=1", "train.ckpt_every=1", "train.val_every=2"]

@@ -1,11 +1,14 @@
-"""Adjusted Rand Index, batched in torch from one contingency table per image.
+"""Adjusted Rand Index, batched from one contingency table per image.
 
 For every image the contingency table ``n[i, j]`` (pixels of true object i given to predicted slot j) is built by a
-single ``bincount`` over ``image * T * K + true * K + pred`` for the whole batch. From it the pair-counting form that
+single ``bincount`` over ``image * T * K + true * K + pred`` for the whole batch (numpy's on a CPU, where it is the
+fastest counter; torch's on other devices). From it the pair-counting form that
 ``sklearn.metrics.adjusted_rand_score`` uses gives ARI exactly:
 
     tp = sum n_ij^2 - n,  fp = sum_j b_j^2 - sum n_ij^2,  fn = sum_i a_i^2 - sum n_ij^2,  tn = n^2 - tp - fp - fn - n
     ARI = 2 (tp tn - fn fp) / ((tp + fn)(fn + tn) + (tp + fp)(fp + tn))
+
+FG-ARI is the same formula on the table without its row 0 (the background pixels), so one table gives both.
 
 Edge cases follow sklearn: when both partitions agree on every pair (``fn = fp = 0``: one cluster in both, every
 pixel its own cluster in both, or no pixels at all) ARI is 1.0. FG-ARI leaves out the pixels whose true id is 0, so an
@@ -14,7 +17,11 @@ image with no foreground pixel scores 1.0 by that rule; :class:`ARIMetric` leave
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+# Pixels per bincount call on the CPU path: small enough that the int32 index array stays in cache.
+_CPU_CHUNK_PIXELS = 1 << 20
 
 
 def mask_ids(pred: torch.Tensor) -> torch.Tensor:
@@ -26,18 +33,66 @@ def mask_ids(pred: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"predicted masks must be [B,K,H,W] or ids [B,H,W], got {tuple(pred.shape)}")
 
 
-def contingency(pred_ids: torch.Tensor, true_ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Batched contingency tables ``[B, T, K]`` (float64) from ids ``[B, H, W]``; ``weights`` drops pixels (0/1)."""
+def contingency(pred_ids: torch.Tensor, true_ids: torch.Tensor, weights: torch.Tensor | None = None,
+                num_pred: int | None = None) -> torch.Tensor:
+    """Batched contingency tables ``[B, T, K]`` (float64) from ids ``[B, H, W]``; ``weights`` drops pixels (0/1).
+
+    Args:
+        pred_ids: predicted slot ids ``[B, H, W]`` (non-negative integers).
+        true_ids: ground-truth ids ``[B, H, W]`` (non-negative integers), 0 = background.
+        weights: optional per-pixel weights ``[B, H, W]``; 0 leaves a pixel out.
+        num_pred: number of columns K (default: largest predicted id + 1); pass the slot count so that empty
+            slots get a column.
+
+    Returns:
+        ``table[b, i, j]`` = number of pixels of image b with true id i and predicted id j, on ``pred_ids.device``.
+    """
     b = pred_ids.shape[0]
-    pred = pred_ids.reshape(b, -1).long()
-    true = true_ids.reshape(b, -1).long()
-    num_pred = int(pred.max()) + 1 if pred.numel() else 1
+    pred = pred_ids.reshape(b, -1)  # [B, P]
+    true = true_ids.reshape(b, -1)  # [B, P]
+    if pred.shape != true.shape:
+        raise ValueError(f"predicted ids {tuple(pred_ids.shape)} and true ids {tuple(true_ids.shape)} differ")
+    if weights is None and pred.device.type == "cpu":
+        counts = _contingency_numpy(pred.detach().numpy(), true.detach().numpy(), num_pred or 1)
+        return torch.from_numpy(counts).to(torch.float64)  # [B, T, K]
+    num_pred = max(num_pred or 1, int(pred.max()) + 1 if pred.numel() else 1)
     num_true = int(true.max()) + 1 if true.numel() else 1
     image = torch.arange(b, device=pred.device).unsqueeze(1)  # [B, 1]
-    index = (image * num_true + true) * num_pred + pred  # [B, P]
+    index = (image * num_true + true.long()) * num_pred + pred.long()  # [B, P]
     w = None if weights is None else weights.reshape(b, -1).to(torch.float64).flatten()
     counts = torch.bincount(index.flatten(), weights=w, minlength=b * num_true * num_pred)
     return counts.to(torch.float64).reshape(b, num_true, num_pred)  # [B, T, K]
+
+
+def _contingency_numpy(pred: np.ndarray, true: np.ndarray, num_pred: int) -> np.ndarray:
+    """Counts ``[B, T, K]`` of (true, pred) pairs per image with numpy's bincount, the fastest counter on a CPU.
+
+    Images are counted a chunk at a time so that the int32 index array (and the id maxima, taken per chunk) stay in
+    cache: about 3x faster than one int64 ``torch.bincount`` over the batch.
+    """
+    b, pixels = pred.shape
+    chunk = max(1, _CPU_CHUNK_PIXELS // max(pixels, 1))
+    parts = []
+    for start in range(0, b, chunk):
+        true_part = true[start : start + chunk].astype(np.int32)  # [n, P]
+        pred_part = pred[start : start + chunk].astype(np.int32)  # [n, P]
+        n = len(true_part)
+        num_t = int(true_part.max()) + 1 if true_part.size else 1
+        num_p = int(pred_part.max()) + 1 if pred_part.size else 1
+        cells = num_t * num_p
+        index = true_part if n * cells < 2**31 else true_part.astype(np.int64)
+        index *= num_p
+        index += pred_part
+        index += (np.arange(n, dtype=index.dtype) * cells)[:, None]  # first cell of each image
+        parts.append(np.bincount(index.ravel(), minlength=n * cells).reshape(n, num_t, num_p))
+    num_true = max([part.shape[1] for part in parts], default=1)
+    num_pred = max([num_pred] + [part.shape[2] for part in parts])
+    counts = np.zeros((b, num_true, num_pred), dtype=np.int64)
+    start = 0
+    for part in parts:
+        counts[start : start + len(part), : part.shape[1], : part.shape[2]] = part
+        start += len(part)
+    return counts
 
 
 def ari_from_contingency(table: torch.Tensor) -> torch.Tensor:
@@ -56,6 +111,11 @@ def ari_from_contingency(table: torch.Tensor) -> torch.Tensor:
     return torch.where(perfect, torch.ones_like(n), numerator / torch.where(perfect, torch.ones_like(n), denominator))
 
 
+def fg_ari_from_contingency(table: torch.Tensor) -> torch.Tensor:
+    """FG-ARI ``[B]`` from contingency tables ``[B, T, K]``: ARI without row 0 (background pixels)."""
+    return ari_from_contingency(table[:, 1:, :])
+
+
 def ari(pred: torch.Tensor, true: torch.Tensor, foreground_only: bool = False) -> torch.Tensor:
     """Adjusted Rand Index per image.
 
@@ -67,9 +127,8 @@ def ari(pred: torch.Tensor, true: torch.Tensor, foreground_only: bool = False) -
     Returns:
         ``[B]`` float64 tensor, equal to ``sklearn.metrics.adjusted_rand_score`` on each image's pixels.
     """
-    pred_ids = mask_ids(pred)
-    weights = (true != 0) if foreground_only else None
-    return ari_from_contingency(contingency(pred_ids, true, weights))
+    table = contingency(mask_ids(pred), true)
+    return fg_ari_from_contingency(table) if foreground_only else ari_from_contingency(table)
 
 
 def fg_ari(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -93,10 +152,11 @@ class ARIMetric:
         self.fg_count = 0
 
     def update(self, pred: torch.Tensor, true: torch.Tensor) -> None:
-        pred_ids = mask_ids(pred)
-        has_fg = (true != 0).flatten(1).any(dim=1)
-        self.ari_sum += float(ari(pred_ids, true).sum())
-        self.fg_ari_sum += float(fg_ari(pred_ids, true)[has_fg].sum())
+        """Add a batch: predicted masks ``[B, K, H, W]`` or ids ``[B, H, W]``, true ids ``[B, H, W]``."""
+        table = contingency(mask_ids(pred), true)  # [B, T, K], one table for both scores
+        has_fg = table[:, 1:, :].sum(dim=(1, 2)) > 0  # [B]
+        self.ari_sum += float(ari_from_contingency(table).sum())
+        self.fg_ari_sum += float(fg_ari_from_contingency(table)[has_fg].sum())
         self.count += int(true.shape[0])
         self.fg_count += int(has_fg.sum())
 

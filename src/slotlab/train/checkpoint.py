@@ -27,6 +27,9 @@ def _atomic_write(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,119 @@
+"""``slotlab eval``: metrics.json, per_image.csv and pictures of a tiny trained run; task dispatch; bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from slotlab import evaluate
+from slotlab.cli import main
+from slotlab.config import apply_overrides, config_to_dict, get_preset, save_config
+from slotlab.evaluate import _Extremes, evaluate_run
+from slotlab.models import build_model
+from slotlab.train.checkpoint import save_checkpoint
+
+
+def untrained_run(run_dir, overrides=()):
+    """A run directory holding a freshly initialised smoke model (what ``slotlab train`` saves, without training)."""
+    config = apply_overrides(get_preset("smoke"), ["data.num_val=12", *overrides])
+    torch.manual_seed(0)
+    save_config(config, run_dir / "config.json")
+    save_checkpoint(run_dir / "checkpoints" / "last.pt",
+                    {"model": build_model(config).state_dict(), "config": config_to_dict(config), "step": 0})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    run_dir = untrained_run(tmp_path_factory.mktemp("eval") / "run")
+    metrics = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu")
+    return run_dir, metrics
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_eval_writes_every_metric_and_per_image_scores(evaluated_run):
+    run_dir, metrics = evaluated_run
+    saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert saved == metrics
+    for name in ("ari", "fg_ari", "miou", "mbo", "mse", "clevrtex_mse"):
+        assert np.isfinite(saved[name]), name
+    assert saved["num_images"] == 10 and saved["split"] == "val"
+    rows = read_csv(run_dir / "eval" / "per_image.csv")
+    assert [int(r["index"]) for r in rows] == list(range(10))  # three batches of 4, 4, 2
+    # The means in metrics.json are the means of the per-image scores (FG scores over images with objects).
+    with_objects = [r for r in rows if int(r["num_objects"]) > 0]
+    assert saved["images_with_objects"] == len(with_objects)
+    assert saved["ari"] == pytest.approx(np.mean([float(r["ari"]) for r in rows]), abs=1e-5)
+    for name in ("fg_ari", "miou", "mbo"):
+        assert saved[name] == pytest.approx(np.mean([float(r[name]) for r in with_objects]), abs=1e-5), name
+    assert saved["clevrtex_mse"] == pytest.approx(np.mean([float(r["clevrtex_mse"]) for r in rows]), rel=1e-4)
+    # 16x16 RGB: the per-image CLEVRTex sum on [0, 1] is 3*16*16/4 times the [-1, 1] mean.
+    assert saved["clevrtex_mse"] == pytest.approx(saved["mse"] * 3 * 16 * 16 / 4, rel=1e-4)
+
+
+def test_eval_saves_galleries(evaluated_run):
+    from PIL import Image
+
+    run_dir, _ = evaluated_run
+    for name in ("best", "worst", "masks", "slots", "attention"):
+        path = run_dir / "eval" / f"{name}.png"
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert image.shape[0] > 100 and image.shape[1] > 100, name
+        assert image.std() > 10, f"{name}.png looks blank"
+
+
+def test_extremes_keep_the_best_and_worst_images():
+    extremes = _Extremes(size=2)
+    batch = {"image": torch.zeros(3, 3, 4, 4), "mask": torch.zeros(3, 4, 4, dtype=torch.long)}
+    out = types.SimpleNamespace(masks=torch.zeros(3, 2, 4, 4), recon=torch.zeros(3, 3, 4, 4))
+    for start, scores in ((0, [0.5, 0.9, 0.1]), (3, [0.7, -0.2, 0.95])):
+        extremes.add(np.array(scores), np.arange(start, start + 3), batch, out)
+    assert [index for _, index, _ in extremes.best()] == [5, 1]
+    assert [index for _, index, _ in extremes.worst()] == [4, 2]
+
+
+def test_task_dispatch_merges_set_prediction_results(tmp_path, monkeypatch):
+    """setpred runs get AP from slotlab.metrics.set_prediction (stubbed here) instead of mask metrics."""
+    config = apply_overrides(get_preset("smoke"), ["task=setpred"])
+    model = torch.nn.Linear(1, 1)
+    calls = {}
+
+    def fake_evaluate_set_prediction(model_, dataset, device, count, batch_size):
+        calls.update(count=count, batch_size=batch_size)
+        return {"ap_inf": 0.75}
+
+    stub = types.ModuleType("slotlab.metrics.set_prediction")
+    stub.evaluate_set_prediction = fake_evaluate_set_prediction
+    monkeypatch.setitem(__import__("sys").modules, "slotlab.metrics.set_prediction", stub)
+    monkeypatch.setattr(evaluate, "load_trained_model", lambda run_dir, checkpoint, device: (config, model))
+    metrics = evaluate_run(tmp_path, limit=5, batch_size=2)
+    assert metrics["ap_inf"] == 0.75 and "ari" not in metrics
+    assert calls == {"count": 5, "batch_size": 2}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ap_inf"] == 0.75
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--limit", "-1"], "--limit"),
+    (["--batch-size", "-4"], "--batch-size"),
+])
+def test_eval_bad_arguments(evaluated_run, capsys, args, fragment):
+    run_dir, _ = evaluated_run
+    before = (run_dir / "eval" / "metrics.json").read_text()
+    assert main(["eval", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0]
+    assert (run_dir / "eval" / "metrics.json").read_text() == before  # nothing overwritten
+
+
+def test_eval_missing_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: missing run directory")
