@@ -14,26 +14,37 @@ from slotlab.models.autoencoder import AutoencoderOutput, SlotAutoencoder
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ENCODERS, ImageEncoder, SoftPositionEmbed, position_grid
 from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, SlotAttention, build_grouping
+from slotlab.errors import UserError
 from slotlab.registry import Registry
 
 TASKS: Registry[nn.Module] = Registry("task")
 
-# Modules that register tasks, grouping modules or slot initialisations when imported. They are imported on first
-# use by build_model() so that optional parts (diffusers, ...) load only when a config asks for them.
-PLUGIN_MODULES = (
+# Modules that register grouping modules (cheap to import) and tasks when imported. Task modules are imported only
+# when a config asks for their task, so that heavy optional parts (diffusers) load only when needed.
+GROUPING_MODULES = (
     "slotlab.models.slot_mixture",  # grouping: slot_mixture
     "slotlab.models.soft_kmeans",  # grouping: soft_kmeans
-    "slotlab.models.set_prediction",  # task: setpred
-    "slotlab.diffusion.vae",  # task: vae
-    "slotlab.diffusion.slot_diffusion",  # task: slot_diffusion
 )
+TASK_MODULES = {
+    "setpred": "slotlab.models.set_prediction",
+    "vae": "slotlab.diffusion.vae",
+    "slot_diffusion": "slotlab.diffusion.slot_diffusion",
+}
 
 
-def load_plugins() -> None:
-    """Import every module of :data:`PLUGIN_MODULES` (idempotent)."""
+def load_plugins(task: str | None = None) -> None:
+    """Import the grouping modules and the module of ``task`` (every task module when ``task`` is None)."""
     import importlib
 
-    for name in PLUGIN_MODULES:
+    modules = list(GROUPING_MODULES)
+    if task is None:
+        modules += TASK_MODULES.values()
+    elif task in TASK_MODULES:
+        modules.append(TASK_MODULES[task])
+    elif task not in TASKS:
+        known = sorted([*TASKS.names(), *TASK_MODULES])
+        raise UserError(f"unknown task {task!r} (known: {', '.join(known)})")
+    for name in modules:
         importlib.import_module(name)
 
 
@@ -44,7 +55,7 @@ def _autoencoder(config: Config) -> nn.Module:
 
 def build_model(config: Config) -> nn.Module:
     """The model for ``config.task`` (autoencoder, ...), freshly initialised."""
-    load_plugins()
+    load_plugins(config.task)
     return TASKS.build(config.task, config)
 
 

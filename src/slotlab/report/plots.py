@@ -38,7 +38,7 @@ PALETTE = palette()
 
 def colour_ids(ids: np.ndarray) -> np.ndarray:
     """ids ``[..., H, W]`` -> uint8 RGB ``[..., H, W, 3]`` with :data:`PALETTE`."""
-    return PALETTE[np.asarray(ids) % len(PALETTE)]
+    return PALETTE[np.asarray(ids).astype(np.int64) % len(PALETTE)]  # int64: uint8 ids would overflow
 
 
 def to_uint8_image(images: torch.Tensor) -> np.ndarray:
