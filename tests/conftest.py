@@ -7,8 +7,11 @@ import os
 import pytest
 import torch
 
-# The CI machine has 2 cores; keep torch from oversubscribing them when tests run.
+# The CI machine has 2 cores; keep torch from oversubscribing them when tests run. Subprocesses started by tests
+# (CLI runs, distributed ranks) often run two at a time, so they get one thread each: OpenMP threads that outnumber
+# the free cores spin and slow a step down by 10x or more.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

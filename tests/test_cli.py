@@ -62,6 +62,7 @@ class _nothing:
 
 
 def test_truncated_checkpoint(capsys, trained_run):
+    capsys.readouterr()  # drop the fixture's training output
     path = trained_run / "checkpoints/last.pt"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -81,6 +82,7 @@ class Payload:
 
 
 def test_checkpoint_with_pickled_code_is_refused(capsys, trained_run):
+    capsys.readouterr()  # drop the fixture's training output
     path = trained_run / "checkpoints/last.pt"
     state = torch.load(path, weights_only=True)
     state["extra"] = Payload()

@@ -136,3 +136,35 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sig):
     assert reference.wait(timeout=300) == 0
     assert stopped_at < 400
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
+def _presets_with_data_on_disk() -> list[str]:
+    # The VAE presets come first: the slot-diffusion presets need a trained VAE run.
+    names = [name for name in list_presets() if get_preset(name).data.name == "clevrtex"]
+    return sorted(names, key=lambda name: get_preset(name).task != "vae")
+
+
+def test_every_preset_with_rendered_data_runs_one_step(tmp_path):
+    """The GPU recipes take one step on a few tiny rendered scenes.
+
+    Only batch size, data root and resolution (32 instead of 128, to keep CPU time small) are changed; the
+    architecture, grouping, task and losses are the presets' own.
+    """
+    from slotlab.data.render import render_dataset
+
+    for variant in ("clevr", "tex"):
+        render_dataset(variant, 10, tmp_path / "data", seed=0, workers=1, size="60x80")
+    vae_runs: dict[str, Path] = {}
+    for name in _presets_with_data_on_disk():
+        preset = get_preset(name)
+        overrides = [f"data.root={tmp_path / 'data'}", "train.steps=1", "train.batch_size=2", "train.val_batches=1",
+                     "train.compile=false", "train.device=cpu", "data.cache=false", "data.resolution=32"]
+        if preset.task == "slot_diffusion":
+            overrides.append(f"diffusion.vae_run={vae_runs[preset.data.variant]}")
+        run_dir = tmp_path / name
+        trainer = Trainer(apply_overrides(preset, overrides), run_dir)
+        logs = trainer.train_step()
+        assert torch.isfinite(logs["loss"]), name
+        if preset.task == "vae":
+            trainer.save("last")
+            vae_runs[preset.data.variant] = run_dir

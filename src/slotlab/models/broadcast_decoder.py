@@ -32,10 +32,14 @@ class SpatialBroadcastDecoder(nn.Module):
         slot_dim: D.
         resolution: output side H = W; must be ``grid * 2**n``.
         channels: width of the transposed convolutions.
-        grid: side of the grid each slot is broadcast to (8 in the paper's CLEVR decoder).
+        grid: side of the grid each slot is broadcast to (8 in the paper's CLEVR decoder; the full resolution in its
+            multi-dSprites decoder, where no upsampling happens and the small receptive field ties a slot to a place).
+        kernel: kernel size of the stride-1 layers at full resolution.
+        full_res_layers: number of stride-1 layers (each ``kernel`` x ``kernel``) before the 3x3 output layer.
     """
 
-    def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8):
+    def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8, kernel: int = 5,
+                 full_res_layers: int = 1):
         super().__init__()
         upsamplings = math.log2(resolution / grid)
         if upsamplings < 0 or not upsamplings.is_integer():
@@ -48,8 +52,11 @@ class SpatialBroadcastDecoder(nn.Module):
             layers += [nn.ConvTranspose2d(in_channels, channels, 5, stride=2, padding=2, output_padding=1),
                        nn.ReLU(inplace=True)]
             in_channels = channels
-        layers += [nn.ConvTranspose2d(in_channels, channels, 5, stride=1, padding=2), nn.ReLU(inplace=True),
-                   nn.ConvTranspose2d(channels, 4, 3, stride=1, padding=1)]
+        for _ in range(full_res_layers):
+            layers += [nn.ConvTranspose2d(in_channels, channels, kernel, stride=1, padding=kernel // 2),
+                       nn.ReLU(inplace=True)]
+            in_channels = channels
+        layers += [nn.ConvTranspose2d(in_channels, 4, 3, stride=1, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, slots: torch.Tensor) -> DecoderOutput:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slotlab.registry import Registry
+from slotlab.train.distributed import batch_randn
 
 SLOT_INITS: Registry[nn.Module] = Registry("slot initialisation")
 GROUPINGS: Registry[nn.Module] = Registry("grouping module")
@@ -38,7 +39,8 @@ class GaussianSlotInit(nn.Module):
 
     def forward(self, batch_size: int, num_slots: int | None = None) -> torch.Tensor:
         k = num_slots or self.num_slots
-        noise = torch.randn(batch_size, k, self.mu.shape[-1], device=self.mu.device, dtype=self.mu.dtype)
+        # batch_randn == torch.randn, except that a data-parallel run draws the same rows as one process would.
+        noise = batch_randn(batch_size, k, self.mu.shape[-1], device=self.mu.device, dtype=self.mu.dtype)  # [B, K, D]
         return self.mu + self.log_sigma.exp() * noise  # [B, K, D]
 
 
@@ -90,20 +92,35 @@ class SlotAttention(nn.Module):
         self.norm_slots = nn.LayerNorm(dim)
         self.norm_mlp = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(input_dim, 2 * dim, bias=False)  # k and v fused into one matmul
+        self.to_kv = nn.Linear(input_dim, 2 * dim, bias=False)  # k and v in one weight (see forward)
         self.gru = nn.GRUCell(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
 
-    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration: attend (softmax over slots), weighted mean, GRU, residual MLP."""
+    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_proj: torch.Tensor | None = None,
+             value_proj: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration: attend (softmax over slots), weighted mean, GRU, residual MLP.
+
+        Args:
+            slots: ``[B, K, D]``.
+            k, v: keys and values ``[B, N, D]``; or, with ``key_proj`` and ``value_proj`` (the ``[D, D_in]`` weights
+                of k and v), the normalised inputs ``[B, N, D_in]`` themselves, projected on the slots' side instead.
+
+        Returns:
+            The new slots ``[B, K, D]`` and the attention ``[B, K, N]`` (softmax over slots).
+        """
         b, num_slots, d = slots.shape
         slots_prev = slots
-        q = self.to_q(self.norm_slots(slots))  # [B, K, D]
-        logits = torch.einsum("bnd,bkd->bkn", k, q) * self.scale  # [B, K, N]
+        q = self.to_q(self.norm_slots(slots)) * self.scale  # [B, K, D]; scaling q is cheaper than scaling logits
+        if key_proj is not None:
+            q = q @ key_proj  # [B, K, D_in]: k(x) . q = x . (q W_k), so the keys of the N inputs are never formed
+        logits = torch.bmm(q, k.transpose(1, 2))  # [B, K, N]
         attn = logits.softmax(dim=1)  # [B, K, N], normalised over slots: slots compete for inputs
-        weights = attn + self.eps
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # [B, K, N], weighted mean over inputs
-        updates = torch.bmm(weights, v)  # [B, K, D]
+        weights = attn + self.eps  # [B, K, N]
+        # Weighted mean over inputs: sum(w * v) / sum(w). Dividing the [B, K, D] sums rather than normalising the
+        # [B, K, N] weights first is the same maths with N / D times fewer divisions.
+        updates = torch.bmm(weights, v) / weights.sum(dim=-1, keepdim=True)  # [B, K, D] (or [B, K, D_in])
+        if value_proj is not None:
+            updates = updates @ value_proj.t()  # [B, K, D]: the mean of v(x) is v(mean of x), v being linear
         slots = self.gru(updates.reshape(-1, d), slots_prev.reshape(-1, d)).reshape(b, num_slots, d)
         slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
         return slots, attn
@@ -111,17 +128,25 @@ class SlotAttention(nn.Module):
     def forward(self, inputs: torch.Tensor, num_slots: int | None = None,
                 slots: torch.Tensor | None = None) -> GroupingOutput:
         """Group ``inputs [B, N, D_in]`` into slots; ``slots`` overrides the initialisation (e.g. to test it)."""
-        b = inputs.shape[0]
+        b, _, input_dim = inputs.shape
         inputs = self.norm_inputs(inputs)  # [B, N, D_in]
-        k, v = self.to_kv(inputs).chunk(2, dim=-1)  # [B, N, D] each
         init_slots = self.init(b, num_slots) if slots is None else slots  # [B, K, D]
+        # k and v are linear, so they can act on the K slots' side (T*K*D*D_in work) rather than on all N inputs
+        # (N*D_in*2D work and a [B, N, 2D] tensor): the same maths, cheaper unless D_in >> D with many slots.
+        fold = self.iters * init_slots.shape[1] * (input_dim - self.dim) < self.dim * input_dim
+        if fold:
+            k = v = inputs  # [B, N, D_in]
+            key_proj, value_proj = self.to_kv.weight.chunk(2, dim=0)  # [D, D_in] each
+        else:
+            k, v = self.to_kv(inputs).chunk(2, dim=-1)  # [B, N, D] each
+            key_proj = value_proj = None
         slots = init_slots
         attn_per_iter = []
         for t in range(self.iters):
             if self.detach_last and t == self.iters - 1:
                 # BO-QSA: gradient skips the earlier iterations and reaches the queries straight through.
                 slots = slots.detach() + init_slots - init_slots.detach()
-            slots, attn = self.step(slots, k, v)
+            slots, attn = self.step(slots, k, v, key_proj, value_proj)
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
 
