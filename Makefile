@@ -15,11 +15,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# A second `make demo` resumes (or, when finished, just re-evaluates) the run in runs/demo.
 demo: $(STAMP)
-	$(BIN)/python -m slotlab train --preset sprites-cpu --out runs/demo || test -f runs/demo/checkpoints/last.pt
-	$(BIN)/python -m slotlab train --resume runs/demo
-	$(BIN)/python -m slotlab eval runs/demo
-	@echo "demo run: runs/demo (curves.png, eval/metrics.json, eval/masks.png, eval/slots.png)"
+	if [ -f runs/demo/checkpoints/last.pt ]; then $(BIN)/slotlab train --resume runs/demo; \
+	else $(BIN)/slotlab train --preset sprites-cpu --out runs/demo; fi
+	$(BIN)/slotlab eval runs/demo
+	$(BIN)/slotlab report runs/demo
+	@echo "demo run: runs/demo -- curves.png, eval/metrics.json, eval/masks.png, eval/slots.png, report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

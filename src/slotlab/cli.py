@@ -31,6 +31,11 @@ def _resolve_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     from slotlab.train.loop import resume, train
 
+    if args.devices != 1:  # torchrun starts this command (without --devices) in each of the processes
+        from slotlab.train.distributed import launch_train
+
+        launch_train(args.devices, args.preset, args.out, args.resume, args.set or [])
+        return
     if args.resume:
         if args.preset or args.out:
             raise UserError("--resume RUN_DIR takes no --preset or --out (the run directory has its config)")
@@ -146,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--out", help="new run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--devices", type=int, default=1, metavar="G",
+                   help="train data-parallel in G processes (one per GPU; gloo on CPU) launched with torchrun")
 
     p = add("eval", cmd_eval, "score a run on a split; writes RUN_DIR/eval/")
     p.add_argument("run_dir")

@@ -38,6 +38,8 @@ class DataConfig:
     seed: int = 0  # procedural data seed (train and val use disjoint streams)
     cache: bool = True  # keep prepared uint8 arrays (in memory or memory-mapped on disk)
     skip_bad: bool = False  # on-disk data: skip (and list) bad files instead of stopping
+    crop: float = 0.8  # on-disk data: centre crop side as a fraction of min(H, W) before resizing (CLEVRTex: 0.8)
+    mask_background: str = ""  # folder colour masks: background "R,G,B" (empty = most frequent border colour)
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -58,6 +60,8 @@ class ModelConfig:
     decoder: str = "broadcast"  # broadcast | diffusion
     decoder_channels: int = 64  # width of the spatial broadcast decoder
     decoder_grid: int = 8  # side of the grid each slot is broadcast to
+    decoder_kernel: int = 5  # kernel of the decoder's stride-1 layers at full resolution
+    decoder_layers: int = 1  # stride-1 layers at full resolution (after the upsampling ones)
     quantiser: str = "none"  # none | vq (discrete slot codes, VQ-SA)
 
 
@@ -72,6 +76,11 @@ class VQConfig:
     tau_end: float = 0.1  # temperature at the end of annealing
     anneal_steps: int = 10_000  # steps over which tau decays (exponentially)
     hard_after: int = 10_000  # straight-through (hard one-hot) from this step on
+    code_dim: int = 16  # E, size of one codebook embedding
+    keep_position: bool = False  # pass each slot's attention centre (x, y) through unquantised (autoencoder)
+    init_run: str = ""  # two-stage VQ-SA: a trained Slot Attention run whose encoder, grouping and decoder
+    #   weights start a new run (read once when training starts; empty = train from scratch)
+    freeze_grouping: bool = False  # with init_run: keep its encoder and grouping fixed (train quantiser, decoder)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class DiffusionConfig:
     beta_end: float = 0.02
     sampler: str = "ddim"  # ddpm | ddim
     sample_steps: int = 50
+    eta: float = 0.0  # DDIM noise: 0 = deterministic, 1 = the DDPM posterior variance
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     cond_dropout: float = 0.0  # drop slots with this probability in training (enables guidance)
     ema_decay: float = 0.999
@@ -109,6 +119,7 @@ class SetPredConfig:
     head_hidden_dim: int = 64
     coord_weight: float = 1.0
     huber_delta: float = 1.0
+    property_sizes: tuple[int, ...] = (5, 8, 2)  # values per categorical property, in obj_props order (sprites)
 
 
 @dataclass(frozen=True)
@@ -198,9 +209,11 @@ def _sprites_cpu() -> Config:
         data=DataConfig(name="sprites", resolution=32, num_train=20_000, num_val=500, min_objects=2, max_objects=6),
         model=ModelConfig(
             encoder_channels=32, input_dim=32, num_slots=7, slot_dim=64, slot_hidden_dim=128, decoder_channels=32,
-            decoder_grid=8, slot_init="learned",
+            # Broadcast at full resolution with 3x3 kernels (the paper's multi-dSprites decoder, narrower): the
+            # small receptive field ties each slot to a place, and objects emerge in hundreds of steps, not thousands.
+            decoder_grid=32, decoder_layers=3, decoder_kernel=3, slot_init="learned",
         ),
-        train=TrainConfig(steps=3000, batch_size=32, lr=1e-3, schedule="warmup_cosine", warmup_steps=200,
+        train=TrainConfig(steps=1200, batch_size=32, lr=1e-3, schedule="warmup_cosine", warmup_steps=200,
                           val_every=500, val_batches=8, log_every=50, ckpt_every=250),
     )
 
@@ -214,6 +227,120 @@ def _clevrtex() -> Config:
                           decoder_channels=64, decoder_grid=8),
         train=TrainConfig(steps=500_000, batch_size=64, lr=4e-4, warmup_steps=10_000, decay_steps=100_000,
                           val_every=5000, val_batches=16, log_every=100, ckpt_every=2000, compile=True),
+    )
+
+
+@preset("vqsa-smoke")
+def _vqsa_smoke() -> Config:
+    """VQ-SA (discrete slot codes) at smoke size: one CPU step in well under a second (tests)."""
+    base = _smoke()
+    return replace(base, model=replace(base.model, quantiser="vq"),
+                   vq=VQConfig(num_variables=2, codebook_size=4, code_dim=4, anneal_steps=2, hard_after=1,
+                               keep_position=True))
+
+
+@preset("vqsa-sprites")
+def _vqsa_sprites() -> Config:
+    """VQ-SA on CPU, stage 2 on a sprites-cpu run: --set vq.init_run=RUN (frozen slots, 4 x 8 codes, 800 steps)."""
+    base = _sprites_cpu()  # the same encoder, grouping and decoder, so a sprites-cpu run can start this one
+    return replace(
+        base,
+        model=replace(base.model, quantiser="vq"),
+        train=replace(base.train, steps=800, warmup_steps=50, val_every=200, val_batches=4, log_every=25,
+                      ckpt_every=100),
+        # Without vq.init_run the same config trains VQ-SA end to end from scratch (nothing frozen).
+        vq=VQConfig(num_variables=4, codebook_size=8, code_dim=16, beta=1e-3, tau_start=1.0, tau_end=0.1,
+                    anneal_steps=600, hard_after=600, keep_position=True, freeze_grouping=True),
+    )
+
+
+@preset("vqsa-clevr")
+def _vqsa_clevr() -> Config:
+    """VQ-SA GPU recipe on rendered CLEVR scenes (`slotlab data render --variant clevr`): 128x128, K=11, 4 x 8 codes."""
+    base = _clevrtex()
+    return replace(
+        base,
+        data=replace(base.data, variant="clevr"),
+        model=replace(base.model, quantiser="vq"),
+        train=replace(base.train, steps=200_000),
+        vq=VQConfig(num_variables=4, codebook_size=8, code_dim=16, beta=1e-3, tau_start=1.0, tau_end=0.1,
+                    anneal_steps=100_000, hard_after=150_000, keep_position=True),
+    )
+
+
+@preset("vae-smoke")
+def _vae_smoke() -> Config:
+    """Stage-1 image autoencoder (AutoencoderKL) at smoke size: 16x16 -> 8x8x3 latents (tests)."""
+    return replace(_smoke(), task="vae", vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1))
+
+
+@preset("vae-clevrtex")
+def _vae_clevrtex() -> Config:
+    """Stage-1 KL-VAE for SlotDiffusion on rendered tex scenes: 128x128x3 -> 32x32x3 latents (GPU)."""
+    base = _clevrtex()
+    return replace(
+        base, task="vae",
+        vae=VAEConfig(latent_channels=3, block_out_channels=(64, 128, 256), layers_per_block=2, kl_weight=1e-6),
+        train=TrainConfig(steps=50_000, batch_size=32, lr=1e-4, schedule="warmup_cosine", warmup_steps=1000,
+                          val_every=2000, val_batches=16, log_every=100, ckpt_every=2000),
+    )
+
+
+@preset("slotdiffusion-smoke")
+def _slotdiffusion_smoke() -> Config:
+    """SlotDiffusion at smoke size: diffusion on 16x16 pixels (no VAE), a 2-level UNet (tests)."""
+    return replace(_smoke(), task="slot_diffusion", model=replace(_smoke().model, decoder="diffusion"),
+                   diffusion=DiffusionConfig(vae_run="", unet_channels=(16, 32), attention_head_dim=8,
+                                             sample_steps=2, cond_dropout=0.1))
+
+
+@preset("slotdiffusion-clevrtex")
+def _slotdiffusion_clevrtex() -> Config:
+    """SlotDiffusion GPU recipe: `clevrtex`'s encoder and K=11 slots, UNet on the latents of runs/vae-clevrtex."""
+    base = _clevrtex()
+    return replace(
+        base, task="slot_diffusion", model=replace(base.model, decoder="diffusion"),
+        vae=_vae_clevrtex().vae,  # documents the stage-1 model; the weights and shape come from diffusion.vae_run
+        diffusion=DiffusionConfig(vae_run="runs/vae-clevrtex", unet_channels=(64, 128, 256), layers_per_block=2,
+                                  attention_head_dim=32, sampler="ddim", sample_steps=50, ema_decay=0.999),
+        train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, schedule="warmup_cosine", warmup_steps=5000,
+                          val_every=5000, val_batches=16, log_every=100, ckpt_every=2000),
+    )
+
+@preset("setpred-smoke")
+def _setpred_smoke() -> Config:
+    """Set property prediction at smoke size on sprites (shape, colour, size + x, y): one CPU step (tests)."""
+    base = _smoke()
+    return replace(base, task="setpred", data=replace(base.data, max_objects=3),
+                   model=replace(base.model, num_slots=4), setpred=SetPredConfig(head_hidden_dim=16))
+
+
+@preset("setpred-sprites")
+def _setpred_sprites() -> Config:
+    """Set property prediction on CPU: 32x32 sprites with 2-4 objects, K=5; AP at the paper's thresholds."""
+    return Config(
+        task="setpred",
+        data=DataConfig(name="sprites", resolution=32, num_train=20_000, num_val=500, min_objects=2, max_objects=4),
+        model=ModelConfig(encoder="strided_cnn", encoder_channels=32, input_dim=32, num_slots=5, slot_dim=64,
+                          slot_hidden_dim=128, slot_init="learned"),
+        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, schedule="warmup_cosine", warmup_steps=200,
+                          val_every=500, val_batches=8, log_every=50, ckpt_every=250),
+        setpred=SetPredConfig(head_hidden_dim=64, property_sizes=(5, 8, 2)),
+    )
+
+
+@preset("setpred-clevr")
+def _setpred_clevr() -> Config:
+    """The paper's set prediction recipe (GPU) on rendered CLEVR scenes: 128x128, K=10, batch 512, 150k steps."""
+    return Config(
+        task="setpred",
+        data=DataConfig(name="clevrtex", root="data/clevrtex", variant="clevr", resolution=128, max_objects=0),
+        model=ModelConfig(encoder="strided_cnn", encoder_channels=64, input_dim=64, num_slots=10, slot_dim=64,
+                          slot_hidden_dim=128, iters=3),
+        train=TrainConfig(steps=150_000, batch_size=512, lr=4e-4, warmup_steps=10_000, decay_steps=100_000,
+                          val_every=5000, val_batches=4, log_every=100, ckpt_every=2000, compile=True),
+        # shape, size, material, colour: the vocabulary of slotlab.data.properties for rendered scenes
+        setpred=SetPredConfig(head_hidden_dim=64, property_sizes=(5, 3, 2, 8)),
     )
 
 

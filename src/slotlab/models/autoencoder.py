@@ -1,16 +1,23 @@
-"""The Slot Attention autoencoder: CNN encoder -> grouping -> spatial broadcast decoder, trained by MSE."""
+"""The Slot Attention autoencoder: CNN encoder -> grouping -> spatial broadcast decoder, trained by MSE.
+
+With ``model.quantiser=vq`` (VQ-SA) a :class:`~slotlab.models.quantiser.SlotQuantiser` sits between grouping and
+decoder: the decoder sees slots assembled from discrete codes and the loss adds ``vq.beta * KL(q(z|x) || uniform)``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from slotlab.config import Config
+from slotlab.errors import UserError
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ImageEncoder
+from slotlab.models.quantiser import QuantiserOutput, attention_centroids, build_quantiser
 from slotlab.models.slot_attention import GroupingOutput, build_grouping
 
 
@@ -25,6 +32,11 @@ class AutoencoderOutput:
     attn: torch.Tensor  # [B, K, N], last iteration
     attn_per_iter: list[torch.Tensor] | None = None  # T x [B, K, N]
     feature_size: tuple[int, int] | None = None  # (h, w) of the attention grid, N = h * w
+    # VQ-SA runs only (model.quantiser=vq); ``slots`` above are then the quantised slots the decoder saw.
+    codes: torch.Tensor | None = None  # [B, K, L] int64, the code of each latent variable
+    code_logits: torch.Tensor | None = None  # [B, K, L, M]
+    kl: torch.Tensor | None = None  # scalar KL(q(z|x) || uniform)
+    positions: torch.Tensor | None = None  # [B, K, 2] slot centres passed through unquantised (vq.keep_position)
 
 
 class SlotAutoencoder(nn.Module):
@@ -40,31 +52,89 @@ class SlotAutoencoder(nn.Module):
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_channels, cfg.input_dim)
         self.grouping = build_grouping(cfg)
         self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
-                                               cfg.decoder_grid)
+                                               cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers)
         self.num_slots = cfg.num_slots
+        if cfg.quantiser not in ("none", "vq"):
+            raise UserError(f"unknown model.quantiser {cfg.quantiser!r} (none, vq)")
+        self.quantiser = build_quantiser(config) if cfg.quantiser == "vq" else None
+        if self.quantiser is not None and config.vq.init_run and config.vq.freeze_grouping:  # slots stay as trained
+            self.encoder.requires_grad_(False)
+            self.grouping.requires_grad_(False)
 
-    def encode(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
-        """``image [B, 3, H, W]`` -> slots ``[B, K, D]`` and attention ``[B, K, N]``, plus the feature grid size."""
+    def init_fresh_run(self) -> None:
+        """Trainer hook for a new run: two-stage VQ-SA starts from the trained run ``vq.init_run``.
+
+        Every weight but the quantiser's is copied; the run must have this model's encoder, grouping and decoder.
+        """
+        if self.quantiser is None or not self.config.vq.init_run:
+            return
+        from slotlab.train.loop import load_run
+
+        run = Path(self.config.vq.init_run)
+        checkpoint = "best" if (run / "checkpoints" / "best.pt").exists() else "last"
+        try:
+            _, state = load_run(run, checkpoint)
+            weights = {name: value for name, value in state["model"].items() if not name.startswith("quantiser.")}
+            missing, unexpected = self.load_state_dict(weights, strict=False)
+        except (UserError, RuntimeError) as exc:  # RuntimeError: tensor shapes differ
+            raise UserError(f"vq.init_run={str(run)!r}: {str(exc).splitlines()[0][:300]}") from None
+        missing = [name for name in missing if not name.startswith("quantiser.")]
+        if missing or unexpected:
+            raise UserError(f"vq.init_run={str(run)!r} is not a slot autoencoder of this shape (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+    def group(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
+        """``image [B, 3, H, W]`` -> continuous slots ``[B, K, D]`` and attention ``[B, K, N]``, and the grid size."""
         inputs, feature_size = self.encoder(image)  # [B, N, D_inputs]
         return self.grouping(inputs, num_slots=num_slots), feature_size
+
+    def quantise(self, grouped: GroupingOutput, feature_size: tuple[int, int], step: int = 0) -> QuantiserOutput:
+        """VQ-SA: discrete codes for the grouped slots (with their attention centres when ``vq.keep_position``)."""
+        positions = attention_centroids(grouped.attn, feature_size) if self.quantiser.position_dim else None
+        return self.quantiser(grouped.slots, step, positions)
+
+    def encode(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
+        """``image [B, 3, H, W]`` -> slots ``[B, K, D]`` and attention ``[B, K, N]``, plus the feature grid size.
+
+        On VQ-SA runs the slots are the quantised ones, so everything built on ``encode``/``decode`` works unchanged.
+        """
+        grouped, feature_size = self.group(image, num_slots)
+        if self.quantiser is not None:
+            grouped = replace(grouped, slots=self.quantise(grouped, feature_size).slots)
+        return grouped, feature_size
 
     def decode(self, slots: torch.Tensor) -> DecoderOutput:
         """``slots [B, K, D]`` -> image, masks and per-slot images."""
         return self.decoder.decode(slots)
 
-    def forward(self, image: torch.Tensor, num_slots: int | None = None) -> AutoencoderOutput:
-        grouped, feature_size = self.encode(image, num_slots)
-        decoded = self.decode(grouped.slots)
+    def forward(self, image: torch.Tensor, num_slots: int | None = None, step: int = 0) -> AutoencoderOutput:
+        """Encode, (quantise,) decode; ``step`` sets the Gumbel-softmax temperature of VQ-SA runs."""
+        grouped, feature_size = self.group(image, num_slots)
+        if self.quantiser is None:
+            decoded = self.decode(grouped.slots)
+            return AutoencoderOutput(
+                recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
+                attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
+            )
+        quantised = self.quantise(grouped, feature_size, step)
+        decoded = self.decode(quantised.slots)
         return AutoencoderOutput(
-            recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
+            recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=quantised.slots,
             attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
+            codes=quantised.codes, code_logits=quantised.logits, kl=quantised.kl, positions=quantised.positions,
         )
 
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[torch.Tensor, dict]:
-        """MSE between the image and its reconstruction, averaged over batch, pixels and channels."""
-        out = self(batch["image"])
+        """MSE between the image and its reconstruction, averaged over batch, pixels and channels.
+
+        VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``.
+        """
+        out = self(batch["image"], step=step)
         loss = F.mse_loss(out.recon.float(), batch["image"].float())
-        return loss, {"mse": loss.detach()}
+        if out.kl is None:
+            return loss, {"mse": loss.detach()}
+        logs = {"mse": loss.detach(), "kl": out.kl.detach(), "tau": torch.tensor(self.quantiser.temperature(step))}
+        return loss + self.config.vq.beta * out.kl, logs
 
     @torch.no_grad()
     def predict_masks(self, image: torch.Tensor) -> torch.Tensor:

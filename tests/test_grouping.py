@@ -1,0 +1,211 @@
+"""Every grouping module behind one interface: shapes, invariances, slot initialisations, and the mixture's E-step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from slotlab.config import ModelConfig, apply_overrides, get_preset
+from slotlab.models import GROUPINGS, build_grouping, build_model, load_plugins
+from slotlab.models.slot_mixture import SlotMixture, gaussian_log_likelihood, log_responsibilities
+from slotlab.models.soft_kmeans import SoftKMeans, soft_kmeans_step
+
+load_plugins()
+NAMES = GROUPINGS.names()
+
+
+def small_config(grouping: str, slot_init: str = "gaussian") -> ModelConfig:
+    return ModelConfig(input_dim=12, num_slots=4, slot_dim=16, slot_hidden_dim=24, iters=3, grouping=grouping,
+                       slot_init=slot_init)
+
+
+def test_all_three_groupings_are_registered():
+    assert {"slot_attention", "slot_mixture", "soft_kmeans"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_contract(name):
+    torch.manual_seed(0)
+    module = build_grouping(small_config(name))
+    out = module(torch.randn(3, 20, 12))
+    assert out.slots.shape == (3, 4, 16)
+    assert out.attn.shape == (3, 4, 20)
+    assert len(out.attn_per_iter) == 3
+    torch.testing.assert_close(out.attn.sum(dim=1), torch.ones(3, 20))
+    assert module(torch.randn(2, 20, 12), num_slots=6).slots.shape == (2, 6, 16)  # Gaussian init: any K
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_permuting_inputs_keeps_slots_and_permutes_attention(name):
+    module = build_grouping(small_config(name)).eval()
+    inputs = torch.randn(2, 30, 12)
+    perm = torch.randperm(30)
+    torch.manual_seed(1)  # the same initial slot noise for both calls
+    out = module(inputs)
+    torch.manual_seed(1)
+    out_perm = module(inputs[:, perm])
+    torch.testing.assert_close(out_perm.slots, out.slots, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_perm.attn, out.attn[:, :, perm], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_permuting_initial_slots_permutes_output_slots(name):
+    torch.manual_seed(0)
+    module = build_grouping(small_config(name, "learned")).eval()
+    inputs = torch.randn(2, 25, 12)
+    out = module(inputs)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        module.init.slots.copy_(module.init.slots[:, perm])
+    out_perm = module(inputs)
+    torch.testing.assert_close(out_perm.slots, out.slots[:, perm], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_perm.attn, out.attn[:, perm], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bo_qsa_gives_learned_queries_a_straight_through_gradient(name):
+    torch.manual_seed(0)
+    plain = build_grouping(small_config(name, "learned"))
+    bo_qsa = build_grouping(small_config(name, "bo_qsa"))
+    bo_qsa.load_state_dict(plain.state_dict())  # same weights: bo_qsa = learned queries + the gradient trick
+    inputs = torch.randn(2, 20, 12)
+    out_plain, out_bo = plain(inputs), bo_qsa(inputs)
+    torch.testing.assert_close(out_bo.slots, out_plain.slots)  # the trick changes gradients only
+    out_bo.slots.pow(2).sum().backward()
+    out_plain.slots.pow(2).sum().backward()
+    grad_bo, grad_plain = bo_qsa.init.slots.grad, plain.init.slots.grad
+    assert grad_bo is not None and grad_bo.abs().sum() > 0
+    assert not torch.allclose(grad_bo, grad_plain)  # the earlier iterations are cut out of the gradient
+
+
+def test_bo_qsa_gradient_equals_one_iteration_from_the_converged_slots():
+    """Jia et al. 2023: d loss / d queries = d loss / d (input of the last iteration), the identity Jacobian."""
+    torch.manual_seed(0)
+    from slotlab.models import SlotAttention
+
+    sa = SlotAttention(num_slots=3, dim=8, iters=3, hidden_dim=16, slot_init="learned", detach_last=True)
+    inputs = torch.randn(1, 10, 8)
+    sa(inputs).slots.sum().backward()
+    # Reference: run T-1 iterations without gradient, then one iteration from a leaf tensor holding those slots.
+    with torch.no_grad():
+        k, v = sa.to_kv(sa.norm_inputs(inputs)).chunk(2, dim=-1)
+        slots = sa.init(1)
+        for _ in range(2):
+            slots, _ = sa.step(slots, k, v)
+    leaf = slots.clone().requires_grad_(True)
+    k, v = sa.to_kv(sa.norm_inputs(inputs)).chunk(2, dim=-1)
+    sa.step(leaf, k, v)[0].sum().backward()
+    torch.testing.assert_close(sa.init.slots.grad, leaf.grad)
+
+
+def test_slot_init_names_are_checked_through_the_cli(tmp_path, capsys):
+    from slotlab.cli import main
+
+    code = main(["train", "--preset", "smoke", "--set", "model.grouping=slot_mixtures", "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: unknown grouping module 'slot_mixtures'")
+
+
+# ------------------------------------------------------------------------------------------------ slot mixture
+def test_log_likelihood_equals_torch_distributions():
+    torch.manual_seed(0)
+    points, mu, log_sigma = torch.randn(2, 7, 5), torch.randn(2, 3, 5), 0.3 * torch.randn(2, 3, 5)
+    expected = torch.distributions.Normal(mu.unsqueeze(2), log_sigma.exp().unsqueeze(2)).log_prob(
+        points.unsqueeze(1)).sum(-1)  # [B, K, N]
+    torch.testing.assert_close(gaussian_log_likelihood(points, mu, log_sigma), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_responsibilities_sum_to_one_and_stay_finite_far_from_every_slot():
+    torch.manual_seed(0)
+    mu, log_sigma = torch.randn(1, 4, 8), torch.full((1, 4, 8), -2.0)
+    far = torch.randn(1, 6, 8) + 1e3  # every likelihood underflows: exp(-1e7) == 0 in float32
+    log_lik = gaussian_log_likelihood(far, mu, log_sigma)
+    log_pi = torch.full((1, 4, 1), -math.log(4))
+    naive = log_lik.exp() * log_pi.exp()
+    assert torch.isnan(naive / naive.sum(dim=1, keepdim=True)).all()  # what the pseudocode would do
+    resp = log_responsibilities(log_lik, log_pi).exp()
+    assert torch.isfinite(resp).all()
+    torch.testing.assert_close(resp.sum(dim=1), torch.ones(1, 6))
+    # The nearest component still wins, as exact arithmetic says.
+    nearest = ((far.unsqueeze(1) - mu.unsqueeze(2)) ** 2).sum(-1).argmin(dim=1)  # [1, N]
+    assert torch.equal(resp.argmax(dim=1), nearest)
+
+
+def test_mixing_weights_enter_the_e_step():
+    log_lik = torch.zeros(1, 2, 3)  # both components explain every point equally well
+    log_pi = torch.log(torch.tensor([0.8, 0.2])).view(1, 2, 1)
+    torch.testing.assert_close(log_responsibilities(log_lik, log_pi).exp()[0, :, 0], torch.tensor([0.8, 0.2]))
+
+
+def test_slot_mixture_module_is_finite_for_huge_inputs_and_gets_gradients():
+    torch.manual_seed(0)
+    smm = SlotMixture(num_slots=4, dim=8, hidden_dim=16, input_dim=6)
+    inputs = (torch.randn(2, 15, 6) * 1e4).requires_grad_(True)
+    out = smm(inputs)
+    assert torch.isfinite(out.slots).all() and torch.isfinite(out.attn).all()
+    torch.testing.assert_close(out.attn.sum(dim=1), torch.ones(2, 15))
+    out.slots.sum().backward()
+    assert torch.isfinite(inputs.grad).all()
+    assert smm.init.mu.grad.abs().sum() > 0 and smm.to_q.weight.grad.abs().sum() > 0
+
+
+def test_slot_mixture_step_matches_a_direct_em_computation():
+    """The fused E- and M-steps equal the slides' pseudocode written out with [B, K, N, D] tensors."""
+    torch.manual_seed(0)
+    smm = SlotMixture(num_slots=3, dim=4, hidden_dim=8, eps=0.0)
+    mu, log_sigma = torch.randn(2, 3, 4), 0.2 * torch.randn(2, 3, 4)
+    log_pi = torch.log_softmax(torch.randn(2, 3, 1), dim=1)
+    k, v = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    new_mu, new_log_sigma, new_log_pi, resp = smm.step(mu, log_sigma, log_pi, k, v)
+
+    q = smm.to_q(smm.norm_mu(mu))  # [B, K, D]
+    density = torch.distributions.Normal(q.unsqueeze(2), log_sigma.exp().unsqueeze(2))
+    scores = density.log_prob(k.unsqueeze(1)).sum(-1) / smm.temperature + log_pi  # [B, K, N]
+    expected_resp = scores.exp() / scores.exp().sum(dim=1, keepdim=True)
+    weights = expected_resp / expected_resp.sum(dim=-1, keepdim=True)
+    updates = torch.einsum("bkn,bnd->bkd", weights, v)
+    expected_mu = smm.gru(updates.reshape(-1, 4), mu.reshape(-1, 4)).reshape(2, 3, 4)
+    expected_mu = expected_mu + smm.mlp(smm.norm_mlp(expected_mu))
+    spread = (weights.unsqueeze(-1) * (v.unsqueeze(1) - expected_mu.unsqueeze(2)) ** 2).sum(2)  # [B, K, D]
+    torch.testing.assert_close(resp, expected_resp, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(new_mu, expected_mu, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(new_log_sigma, 0.5 * spread.log(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(new_log_pi.exp(), expected_resp.mean(dim=-1, keepdim=True), atol=1e-6, rtol=1e-5)
+    assert smm.to_slot.in_features == 8  # the slot is read from concat(mu, log_sigma)
+
+
+# ------------------------------------------------------------------------------------------------ soft k-means
+def test_soft_kmeans_at_low_temperature_finds_the_same_centres_as_sklearn():
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(c, 0.3, size=(40, 2)) for c in ((0, 0), (4, 0), (0, 4))]).astype(np.float32)
+    init = np.array([[0.5, 0.5], [3.0, 1.0], [1.0, 3.0]], dtype=np.float32)
+    expected = KMeans(n_clusters=3, init=init, n_init=1).fit(blobs).cluster_centers_
+    centres = torch.from_numpy(init)[None]
+    for _ in range(20):
+        centres, weights = soft_kmeans_step(torch.from_numpy(blobs)[None], centres, temperature=1e-3)
+    np.testing.assert_allclose(centres[0].numpy(), expected, atol=1e-4)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(1, 120))
+
+
+def test_soft_kmeans_module_has_no_learned_update():
+    km = SoftKMeans(num_slots=3, dim=16, input_dim=16)
+    assert [name for name, _ in km.named_parameters()] == ["init.mu", "init.log_sigma"]  # only the initialisation
+    assert not any(isinstance(m, torch.nn.GRUCell) for m in km.modules())
+
+
+@pytest.mark.parametrize("name", ["slot_mixture", "soft_kmeans"])
+def test_autoencoder_trains_one_step_with_each_grouping(name):
+    config = apply_overrides(get_preset("smoke"), [f"model.grouping={name}", "model.slot_init=bo_qsa"])
+    model = build_model(config)
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
+    loss, _ = model.compute_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.grouping.init.slots.grad.abs().sum() > 0
+    assert dataclasses.is_dataclass(model(batch["image"]))
