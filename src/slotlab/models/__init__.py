@@ -10,11 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from slotlab.config import Config
+from slotlab.errors import UserError
 from slotlab.models.autoencoder import AutoencoderOutput, SlotAutoencoder
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ENCODERS, ImageEncoder, SoftPositionEmbed, position_grid
 from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, SlotAttention, build_grouping
-from slotlab.errors import UserError
 from slotlab.registry import Registry
 
 TASKS: Registry[nn.Module] = Registry("task")
