@@ -18,8 +18,13 @@ from slotlab.errors import UserError
 from slotlab.generate.edit import decode_with_codes, edit_effect
 from slotlab.metrics.disentanglement import evaluate_disentanglement, match_slots_to_objects
 from slotlab.models import build_model
-from slotlab.models.quantiser import SlotQuantiser, attention_centroids, build_quantiser, gumbel_temperature, \
-    kl_to_uniform
+from slotlab.models.quantiser import (
+    SlotQuantiser,
+    attention_centroids,
+    build_quantiser,
+    gumbel_temperature,
+    kl_to_uniform,
+)
 from slotlab.train.loop import train
 
 
