@@ -250,6 +250,9 @@ def test_edit_command_saves_before_after_and_every_code(vq_run, capsys):
     assert code == 0
     path = vq_run / "edit" / "image1_slot2_var1_code3.png"
     assert out.strip() == str(path) and path.stat().st_size > 1000
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["slot"] == 2 and record["code"] == 3 and len(record["layer_change"]) == 3
+    assert record["codes_before"][2][1] == record["code_before"]
 
 
 @pytest.mark.parametrize("option, value, fragment", [
