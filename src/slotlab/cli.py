@@ -21,10 +21,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, plus ``data.skip_bad=true`` for ``--skip-bad``."""
+    return (args.set or []) + (["data.skip_bad=true"] if getattr(args, "skip_bad", False) else [])
+
+
 def _resolve_config(args: argparse.Namespace):
     from slotlab.config import apply_overrides, get_preset
 
-    return apply_overrides(get_preset(args.preset), args.set or [])
+    return apply_overrides(get_preset(args.preset), _overrides(args))
 
 
 # ------------------------------------------------------------------------------------------------------ handlers
@@ -34,12 +39,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.devices != 1:  # torchrun starts this command (without --devices) in each of the processes
         from slotlab.train.distributed import launch_train
 
-        launch_train(args.devices, args.preset, args.out, args.resume, args.set or [])
+        launch_train(args.devices, args.preset, args.out, args.resume, _overrides(args))
         return
     if args.resume:
         if args.preset or args.out:
             raise UserError("--resume RUN_DIR takes no --preset or --out (the run directory has its config)")
-        resume(Path(args.resume), args.set or [])
+        resume(Path(args.resume), _overrides(args))
         return
     if not args.preset or not args.out:
         raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR)")
@@ -137,6 +142,12 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. train.steps=100")
 
 
+def _add_skip_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad data files (listed in RUN_DIR/skipped_files.txt) instead of stopping; "
+                        "= --set data.skip_bad=true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slotlab", description="Object-centric learning with Slot Attention.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -153,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--devices", type=int, default=1, metavar="G",
                    help="train data-parallel in G processes (one per GPU; gloo on CPU) launched with torchrun")
+    _add_skip_bad(p)
 
     p = add("eval", cmd_eval, "score a run on a split; writes RUN_DIR/eval/")
     p.add_argument("run_dir")
@@ -182,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache", cmd_data_cache, "write a dataset's prepared splits as memory-mapped uint8 arrays", data_sub)
     _add_config_args(p)
     p.add_argument("--splits", nargs="+", default=["train", "val"])
+    _add_skip_bad(p)
 
     p = add("library", cmd_library, "encode a split into a slot library")
     p.add_argument("run_dir")

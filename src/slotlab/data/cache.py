@@ -33,7 +33,7 @@ from slotlab.errors import UserError
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 CACHEABLE = ("clevrtex", "folder")
 PARALLEL_MIN_ITEMS = 64  # below this, decoding in this process is faster than starting workers
-SKIP_HINT = "set data.skip_bad=true to skip and list bad files"
+SKIP_HINT = "pass --skip-bad (or --set data.skip_bad=true) to skip and list bad files"
 
 
 @dataclass(frozen=True)
