@@ -82,6 +82,24 @@ def test_decoder_masks_sum_to_one_and_recon_is_the_mask_weighted_sum():
     torch.testing.assert_close(out.recon, (out.masks.unsqueeze(2) * out.slot_recons).sum(1))
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_full_resolution_decoder_first_layer_is_exactly_the_plain_convolution(kernel):
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(slot_dim=16, resolution=12, channels=8, grid=12, kernel=kernel,
+                                      full_res_layers=2).double()
+    with torch.no_grad():
+        decoder.pos.proj.bias.normal_()  # a position embedding that is not ~0, so the shared part matters
+    slots = torch.randn(2, 3, 16, dtype=torch.double, requires_grad=True)
+    assert decoder.factorised
+    fast = decoder.decode(slots).recon
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), slots)
+    decoder.factorised = False  # the plain path: broadcast maps through nn.ConvTranspose2d
+    plain = decoder.decode(slots).recon
+    (plain_grad,) = torch.autograd.grad(plain.square().sum(), slots)
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(fast_grad, plain_grad)
+
+
 def test_decoder_rejects_a_resolution_that_is_not_grid_times_power_of_two():
     with pytest.raises(ValueError):
         SpatialBroadcastDecoder(slot_dim=8, resolution=40, grid=8)
