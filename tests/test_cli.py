@@ -7,23 +7,9 @@ import pickle
 import pytest
 import torch
 
-from slotlab.cli import main
+from cli_helpers import assert_one_error_line, run
 from slotlab.config import apply_overrides, get_preset
 from slotlab.train.loop import train
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture

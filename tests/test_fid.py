@@ -12,22 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from slotlab.cli import main
+from cli_helpers import assert_one_error_line, run
 from slotlab.errors import UserError
 from slotlab.metrics import fid
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")

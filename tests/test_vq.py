@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from slotlab.cli import main
+from cli_helpers import assert_one_error_line, run
 from slotlab.config import apply_overrides, get_preset
 from slotlab.data import ArrayDataset, build_dataset, to_model_batch
 from slotlab.errors import UserError
@@ -26,19 +26,6 @@ from slotlab.models.quantiser import (
     kl_to_uniform,
 )
 from slotlab.train.loop import train
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def make_quantiser(**overrides) -> SlotQuantiser:
