@@ -82,6 +82,26 @@ def test_bo_qsa_gives_learned_queries_a_straight_through_gradient(name):
     assert not torch.allclose(grad_bo, grad_plain)  # the earlier iterations are cut out of the gradient
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_implicit_grad_keeps_outputs_and_sends_the_last_iteration_gradient_to_mu_and_sigma(name):
+    torch.manual_seed(0)
+    plain = build_grouping(small_config(name))
+    implicit = build_grouping(dataclasses.replace(small_config(name), implicit_grad=True))
+    implicit.load_state_dict(plain.state_dict())
+    inputs = torch.randn(2, 20, 12)
+    torch.manual_seed(1)
+    out_plain = plain(inputs)
+    torch.manual_seed(1)  # the same slot noise
+    out_implicit = implicit(inputs)
+    torch.testing.assert_close(out_implicit.slots, out_plain.slots)  # only the gradient changes
+    out_plain.slots.pow(2).sum().backward()
+    out_implicit.slots.pow(2).sum().backward()
+    for name_ in ("mu", "log_sigma"):
+        grad, grad_plain = getattr(implicit.init, name_).grad, getattr(plain.init, name_).grad
+        assert grad is not None and grad.abs().sum() > 0, name_
+        assert not torch.allclose(grad, grad_plain), name_  # the first T-1 iterations are out of the gradient
+
+
 def test_bo_qsa_gradient_equals_one_iteration_from_the_converged_slots():
     """Jia et al. 2023: d loss / d queries = d loss / d (input of the last iteration), the identity Jacobian."""
     torch.manual_seed(0)

@@ -57,6 +57,9 @@ class ModelConfig:
     eps: float = 1e-8  # added to attention before the weighted mean
     grouping: str = "slot_attention"  # slot_attention | slot_mixture | soft_kmeans
     slot_init: str = "gaussian"  # gaussian (learnable mu, sigma) | learned (K fixed queries) | bo_qsa
+    # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the
+    # initial slots getting that gradient straight through. Implied by slot_init=bo_qsa (learned + this).
+    implicit_grad: bool = False
     decoder: str = "broadcast"  # broadcast | diffusion
     decoder_channels: int = 64  # width of the spatial broadcast decoder
     decoder_grid: int = 8  # side of the grid each slot is broadcast to

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput
+from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options
 
 
 def gaussian_log_likelihood(points: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,8 @@ class SlotMixture(nn.Module):
                 state = state.detach() + init_state - init_state.detach()
                 log_pi = log_pi.detach()
             mu, log_sigma = state.split(self.dim, dim=-1)  # [B, K, D] each
-            mu, log_sigma, log_pi, resp = self.step(mu, log_sigma, log_pi, k, v)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (t == self.iters - 1 or not self.detach_last)):
+                mu, log_sigma, log_pi, resp = self.step(mu, log_sigma, log_pi, k, v)
             state = torch.cat([mu, log_sigma.to(mu.dtype)], dim=-1)  # [B, K, 2D]
             attn_per_iter.append(resp)
         slots = self.to_slot(state)  # [B, K, D]
@@ -161,8 +162,7 @@ class SlotMixture(nn.Module):
 def _build_slot_mixture(cfg) -> SlotMixture:
     return SlotMixture(
         num_slots=cfg.num_slots, dim=cfg.slot_dim, iters=cfg.iters, hidden_dim=cfg.slot_hidden_dim, eps=cfg.eps,
-        input_dim=cfg.input_dim, slot_init="learned" if cfg.slot_init == "bo_qsa" else cfg.slot_init,
-        detach_last=cfg.slot_init == "bo_qsa",
+        input_dim=cfg.input_dim, **init_options(cfg),
     )
 
 
