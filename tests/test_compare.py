@@ -40,9 +40,9 @@ def test_table_has_one_row_per_run_with_its_numbers(tmp_path):
     lines = table.splitlines()
     assert lines[0] == "| run | model | ARI | FG-ARI | mIoU | mBO | FID | steps | wall time |"
     # 100 steps * 32 images at 100 img/s + 100 steps * 32 images at 50 img/s = 32 s + 64 s
-    assert lines[2] == ("| sa | autoencoder / slot_attention / learned | 0.500 | 0.712 | 0.400 | 0.450 | 81.2 | 200 "
+    assert lines[2] == ("| sa | autoencoder / slot_attention / bo_qsa | 0.500 | 0.712 | 0.400 | 0.450 | 81.2 | 200 "
                         "| 1m 36s |")
-    assert lines[3].startswith("| smm | autoencoder / slot_mixture / learned | 0.600 | 0.800 | - | - | - | 200 |")
+    assert lines[3].startswith("| smm | autoencoder / slot_mixture / bo_qsa | 0.600 | 0.800 | - | - | - | 200 |")
     assert "AP∞ %" in lines[-1] and "slotlab eval (set prediction runs)" in lines[-1]  # columns no run has
 
 
@@ -91,4 +91,4 @@ def test_bad_inputs(tmp_path, capsys):
 def test_cli_prints_the_table(tmp_path, capsys):
     run = make_run(tmp_path, "sa", eval_metrics={"ari": 0.25})
     assert main(["compare", str(run)]) == 0
-    assert "| sa | autoencoder / slot_attention / learned | 0.250 |" in capsys.readouterr().out
+    assert "| sa | autoencoder / slot_attention / bo_qsa | 0.250 |" in capsys.readouterr().out
