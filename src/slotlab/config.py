@@ -216,7 +216,7 @@ def _sprites_cpu() -> Config:
             # small receptive field ties each slot to a place, and objects emerge in hundreds of steps, not thousands.
             decoder_grid=32, decoder_layers=3, decoder_kernel=3,
             # BO-QSA (learned queries, gradient through the last iteration only) with T=7: the same cost per step as
-            # T=3 (the first six iterations build no graph), and no seed collapsed into identical slots.
+            # T=3 (the first six iterations build no graph), and neither seed tried collapsed into identical slots.
             slot_init="bo_qsa", iters=7,
         ),
         # 700 steps: ~37 images/s on two free cores, so `make demo` (install included) ends within 15 minutes.

@@ -144,16 +144,20 @@ class SlotAttention(nn.Module):
         slots = init_slots
         attn_per_iter = []
         for t in range(self.iters):
-            last = t == self.iters - 1
-            if self.detach_last and last:
+            if self.detach_last and t == self.iters - 1:
                 # The slots are (close to) a fixed point here: the gradient skips the earlier iterations and reaches
                 # the initial slots straight through.
                 slots = slots.detach() + init_slots - init_slots.detach()
-            # With detach_last no gradient flows through the earlier iterations, so they build no autograd graph.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and (last or not self.detach_last)):
+            with iteration_grad(t, self.iters, self.detach_last):
                 slots, attn = self.step(slots, k, v, key_proj, value_proj)
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
+
+
+def iteration_grad(t: int, iters: int, detach_last: bool) -> torch.set_grad_enabled:
+    """Grad mode for iteration ``t`` of ``iters``: with ``detach_last`` no gradient flows through the earlier
+    iterations, so only the last one builds an autograd graph."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and (t == iters - 1 or not detach_last))
 
 
 def init_options(cfg) -> dict:

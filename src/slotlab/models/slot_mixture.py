@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options
+from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options, iteration_grad
 
 
 def gaussian_log_likelihood(points: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ class SlotMixture(nn.Module):
                 state = state.detach() + init_state - init_state.detach()
                 log_pi = log_pi.detach()
             mu, log_sigma = state.split(self.dim, dim=-1)  # [B, K, D] each
-            with torch.set_grad_enabled(torch.is_grad_enabled() and (t == self.iters - 1 or not self.detach_last)):
+            with iteration_grad(t, self.iters, self.detach_last):
                 mu, log_sigma, log_pi, resp = self.step(mu, log_sigma, log_pi, k, v)
             state = torch.cat([mu, log_sigma.to(mu.dtype)], dim=-1)  # [B, K, 2D]
             attn_per_iter.append(resp)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options
+from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options, iteration_grad
 
 
 def soft_kmeans_step(points: torch.Tensor, centres: torch.Tensor, temperature: float,
@@ -85,7 +85,7 @@ class SoftKMeans(nn.Module):
         for t in range(self.iters):
             if self.detach_last and t == self.iters - 1:
                 centres = centres.detach() + init_centres - init_centres.detach()  # BO-QSA straight-through
-            with torch.set_grad_enabled(torch.is_grad_enabled() and (t == self.iters - 1 or not self.detach_last)):
+            with iteration_grad(t, self.iters, self.detach_last):
                 centres, weights = soft_kmeans_step(points, centres, self.temperature, self.eps)
             attn_per_iter.append(weights)
         return GroupingOutput(slots=self.to_slot(centres), attn=attn_per_iter[-1], attn_per_iter=attn_per_iter)
