@@ -19,3 +19,13 @@ def assert_one_error_line(err: str, *fragments: str) -> None:
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def strip_progress(err: str) -> str:
+    """``err`` without tqdm's progress-bar output (a bar redraws itself with carriage returns)."""
+    lines = []
+    for line in err.splitlines():
+        line = line.split("\r")[-1]
+        if "%|" not in line:
+            lines.append(line)
+    return "\n".join(lines)

@@ -127,7 +127,10 @@ def test_slot_init_names_are_checked_through_the_cli(tmp_path, capsys):
 
     code = main(["train", "--preset", "smoke", "--set", "model.grouping=slot_mixtures", "--out", str(tmp_path / "r")])
     assert code == 2
-    assert capsys.readouterr().err.startswith("error: unknown grouping module 'slot_mixtures'")
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.grouping='slot_mixtures' is not one of the known values")
+    assert "did you mean 'slot_mixture'" in err
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------------ slot mixture

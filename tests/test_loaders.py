@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import slotlab.data.cache as cache_module
@@ -304,9 +305,9 @@ def _too_many_objects(root):
 def _bad_json(root):
     path = stem_path(root, 18, ".json")
     record = json.loads(path.read_text())
-    record["objects"][0]["shape"] = "pyramid"
+    record["objects"][0] = "a cube"
     path.write_text(json.dumps(record))
-    return "CLEVRTEX_full_000018.json: object 0: unknown shape 'pyramid'"
+    return "CLEVRTEX_full_000018.json: object 0 is not a mapping"
 
 
 @pytest.mark.parametrize("damage", [_missing_mask, _duplicated, _missing_index, _truncated, _not_an_image,
@@ -362,3 +363,26 @@ def test_training_lists_skipped_files(tmp_path):
     Trainer(config, tmp_path / "run")  # the list is written when the datasets are built
     listed = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
     assert len(listed) == 1 and listed[0].startswith(str(broken)) and "not a readable image" in listed[0]
+
+
+def test_unknown_metadata_values_are_kept_as_unknown(clevrtex_root, capsys, tmp_path):
+    """A dataset made by a modified generator (a new material, a colour as RGB) still trains object discovery."""
+    from slotlab.train.loop import Trainer
+
+    for index in range(NUM_IMAGES):  # every image: with skip_bad every one of them was skipped before
+        path = stem_path(clevrtex_root, index, ".json")
+        record = json.loads(path.read_text())
+        record["objects"][0]["material"] = "PoliigonBrandNew001"
+        record["objects"][0]["color"] = [255, 0, 0]
+        path.write_text(json.dumps(record))
+    train = CLEVRTex(clevrtex_root, "full", "train", resolution=16)
+    assert len(train) == int(0.8 * NUM_IMAGES)
+    assert "unknown material 'PoliigonBrandNew001'" in capsys.readouterr().err
+    props = train.extras["obj_props"]
+    assert (props[:, 0, 2:] == -1).all() and (props[:, 0, :2] >= 0).all()  # object 0: material, colour unknown
+    settings = ["data.name=clevrtex", f"data.root={clevrtex_root}", "data.variant=full", "data.max_objects=0",
+                "data.resolution=16", "train.steps=1"]
+    trainer = Trainer(apply_overrides(get_preset("smoke"), settings), tmp_path / "discovery")
+    assert torch.isfinite(trainer.train_step()["loss"])
+    with pytest.raises(UserError, match="set prediction needs every object's properties.*PoliigonBrandNew001"):
+        Trainer(apply_overrides(get_preset("setpred-smoke"), settings), tmp_path / "setpred")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, is_dataclass, replace
@@ -22,64 +23,84 @@ from typing import Any
 from slotlab.errors import UserError
 
 
+def _field(default: Any, *, lo: float | None = None, hi: float | None = None, gt: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its allowed values: ``lo <= value <= hi``, ``value > gt``, or one of ``choices``.
+
+    :func:`check_config` enforces them (and that every float is finite) whenever a config is built from a preset,
+    overrides or a file, so a bad value fails with one line naming the key and the allowed range.
+    """
+    return field(default=default, metadata={"lo": lo, "hi": hi, "gt": gt, "choices": choices})
+
+
+DATASET_NAMES = ("sprites", "tetrominoes", "multi_dsprites", "clevr6", "clevrtex", "folder")
+PROCEDURAL_DATASETS = ("sprites", "tetrominoes", "multi_dsprites", "clevr6")  # drawn by slotlab from a seed
+CLEVRTEX_VARIANT_NAMES = ("full", "pbg", "vbg", "grassbg", "camo", "outd", "clevr", "tex")
+MAX_IMAGES = 10_000_000  # procedural split sizes
+MAX_OBJECTS_IN_MASK = 255  # masks are uint8 object ids
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images to train on and how they are prepared."""
 
-    name: str = "sprites"  # registry name: sprites | clevrtex | folder (see slotlab.data)
+    name: str = _field("sprites", choices=DATASET_NAMES)  # registry name (see slotlab.data)
     root: str = ""  # folder of on-disk datasets (clevrtex, folder); unused by procedural ones
-    variant: str = "full"  # CLEVRTex variant: full, pbg, vbg, grassbg, camo, outd (or a rendered one: clevr, tex)
-    resolution: int = 64  # side of the square images fed to the model
-    num_train: int = 10_000  # size of procedural train split
-    num_val: int = 500  # size of procedural val split
-    min_objects: int = 2  # procedural scenes: fewest objects
-    max_objects: int = 6  # procedural scenes: most objects; on-disk data: keep images with at most this many (0 = all)
-    background: str = "noise"  # sprites: plain | noise
-    seed: int = 0  # procedural data seed (train and val use disjoint streams)
+    # CLEVRTex variant: full, pbg, vbg, grassbg, camo, outd (or a rendered one: clevr, tex)
+    variant: str = _field("full", choices=CLEVRTEX_VARIANT_NAMES)
+    resolution: int = _field(64, lo=8, hi=1024)  # side of the square images fed to the model
+    num_train: int = _field(10_000, lo=1, hi=MAX_IMAGES)  # size of procedural train split
+    num_val: int = _field(500, lo=1, hi=MAX_IMAGES)  # size of procedural val split
+    min_objects: int = _field(2, lo=1, hi=MAX_OBJECTS_IN_MASK)  # procedural scenes: fewest objects
+    # procedural scenes: most objects; on-disk data: keep images with at most this many (0 = all)
+    max_objects: int = _field(6, lo=0, hi=MAX_OBJECTS_IN_MASK)
+    background: str = _field("noise", choices=("plain", "noise"))  # sprites background
+    seed: int = _field(0, lo=0, hi=2**63 - 1)  # procedural data seed (train and val use disjoint streams)
     cache: bool = True  # keep prepared uint8 arrays (in memory or memory-mapped on disk)
     skip_bad: bool = False  # on-disk data: skip (and list) bad files instead of stopping
-    crop: float = 0.8  # on-disk data: centre crop side as a fraction of min(H, W) before resizing (CLEVRTex: 0.8)
+    crop: float = _field(0.8, gt=0.0, hi=1.0)  # on-disk data: centre crop side as a fraction of min(H, W)
     mask_background: str = ""  # folder colour masks: background "R,G,B" (empty = most frequent border colour)
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = _field(0, lo=0, hi=256)  # DataLoader worker processes
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The slot model: encoder -> grouping (Slot Attention or a variant) -> decoder."""
 
-    encoder: str = "paper_cnn"  # paper_cnn (4 conv 5x5) | resnet (report 001)
-    encoder_channels: int = 64  # width of the CNN encoder
-    input_dim: int = 64  # D_inputs: width of the tokens fed to the grouping module
-    num_slots: int = 7  # K
-    slot_dim: int = 64  # D_slots
-    slot_hidden_dim: int = 128  # hidden width of the slot MLP
-    iters: int = 3  # T, Slot Attention iterations
-    eps: float = 1e-8  # added to attention before the weighted mean
-    grouping: str = "slot_attention"  # slot_attention | slot_mixture | soft_kmeans
-    slot_init: str = "gaussian"  # gaussian (learnable mu, sigma) | learned (K fixed queries) | bo_qsa
+    encoder: str = _field("paper_cnn", choices=("paper_cnn", "resnet", "strided_cnn"))  # see slotlab.models
+    encoder_channels: int = _field(64, lo=1, hi=4096)  # width of the CNN encoder
+    input_dim: int = _field(64, lo=1, hi=4096)  # D_inputs: width of the tokens fed to the grouping module
+    num_slots: int = _field(7, lo=1, hi=256)  # K
+    slot_dim: int = _field(64, lo=1, hi=4096)  # D_slots
+    slot_hidden_dim: int = _field(128, lo=1, hi=16384)  # hidden width of the slot MLP
+    iters: int = _field(3, lo=1, hi=100)  # T, Slot Attention iterations
+    eps: float = _field(1e-8, gt=0.0, hi=1.0)  # added to attention before the weighted mean
+    grouping: str = _field("slot_attention", choices=("slot_attention", "slot_mixture", "soft_kmeans"))
+    # gaussian (learnable mu, sigma) | learned (K fixed queries) | bo_qsa (learned + implicit_grad)
+    slot_init: str = _field("gaussian", choices=("gaussian", "learned", "bo_qsa"))
     # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the
     # initial slots getting that gradient straight through. Implied by slot_init=bo_qsa (learned + this).
     implicit_grad: bool = False
-    decoder: str = "broadcast"  # broadcast | diffusion
-    decoder_channels: int = 64  # width of the spatial broadcast decoder
-    decoder_grid: int = 8  # side of the grid each slot is broadcast to
-    decoder_kernel: int = 5  # kernel of the decoder's stride-1 layers at full resolution
-    decoder_layers: int = 1  # stride-1 layers at full resolution (after the upsampling ones)
-    quantiser: str = "none"  # none | vq (discrete slot codes, VQ-SA)
+    decoder: str = _field("broadcast", choices=("broadcast", "diffusion"))  # diffusion: task=slot_diffusion
+    decoder_channels: int = _field(64, lo=1, hi=4096)  # width of the spatial broadcast decoder
+    decoder_grid: int = _field(8, lo=1, hi=1024)  # side of the grid each slot is broadcast to
+    decoder_kernel: int = _field(5, lo=1, hi=15)  # kernel of the decoder's stride-1 layers (odd)
+    decoder_layers: int = _field(1, lo=0, hi=32)  # stride-1 layers at full resolution (after the upsampling ones)
+    quantiser: str = _field("none", choices=("none", "vq"))  # vq: discrete slot codes (VQ-SA)
 
 
 @dataclass(frozen=True)
 class VQConfig:
     """Discrete slot codes (VQ-SA, slides 003)."""
 
-    num_variables: int = 4  # L latent variables per slot
-    codebook_size: int = 8  # M embeddings per variable
-    beta: float = 0.01  # weight of KL(q(z|x) || uniform)
-    tau_start: float = 1.0  # Gumbel-softmax temperature at step 0
-    tau_end: float = 0.1  # temperature at the end of annealing
-    anneal_steps: int = 10_000  # steps over which tau decays (exponentially)
-    hard_after: int = 10_000  # straight-through (hard one-hot) from this step on
-    code_dim: int = 16  # E, size of one codebook embedding
+    num_variables: int = _field(4, lo=1, hi=256)  # L latent variables per slot
+    codebook_size: int = _field(8, lo=1, hi=65536)  # M embeddings per variable
+    beta: float = _field(0.01, lo=0.0)  # weight of KL(q(z|x) || uniform)
+    tau_start: float = _field(1.0, gt=0.0)  # Gumbel-softmax temperature at step 0
+    tau_end: float = _field(0.1, gt=0.0)  # temperature at the end of annealing
+    anneal_steps: int = _field(10_000, lo=1)  # steps over which tau decays (exponentially)
+    hard_after: int = _field(10_000, lo=0)  # straight-through (hard one-hot) from this step on
+    code_dim: int = _field(16, lo=1, hi=4096)  # E, size of one codebook embedding
     keep_position: bool = False  # pass each slot's attention centre (x, y) through unquantised (autoencoder)
     init_run: str = ""  # two-stage VQ-SA: a trained Slot Attention run whose encoder, grouping and decoder
     #   weights start a new run (read once when training starts; empty = train from scratch)
@@ -90,10 +111,10 @@ class VQConfig:
 class VAEConfig:
     """Stage 1 image autoencoder of the latent diffusion decoder (diffusers AutoencoderKL)."""
 
-    latent_channels: int = 3
-    block_out_channels: tuple[int, ...] = (64, 128, 128)  # two downsamplings: 128 -> 32
-    layers_per_block: int = 1
-    kl_weight: float = 1e-6
+    latent_channels: int = _field(3, lo=1, hi=1024)
+    block_out_channels: tuple[int, ...] = _field((64, 128, 128), lo=1, hi=4096)  # two downsamplings: 128 -> 32
+    layers_per_block: int = _field(1, lo=1, hi=16)
+    kl_weight: float = _field(1e-6, lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -101,52 +122,56 @@ class DiffusionConfig:
     """Stage 2: slot-conditioned latent diffusion (SlotDiffusion)."""
 
     vae_run: str = ""  # run directory of a trained VAE (task=vae); empty = identity latents (tests only)
-    unet_channels: tuple[int, ...] = (64, 128, 256)
-    layers_per_block: int = 1
-    attention_head_dim: int = 32
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    sampler: str = "ddim"  # ddpm | ddim
-    sample_steps: int = 50
-    eta: float = 0.0  # DDIM noise: 0 = deterministic, 1 = the DDPM posterior variance
-    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
-    cond_dropout: float = 0.0  # drop slots with this probability in training (enables guidance)
-    ema_decay: float = 0.999
+    unet_channels: tuple[int, ...] = _field((64, 128, 256), lo=1, hi=4096)
+    layers_per_block: int = _field(1, lo=1, hi=16)
+    attention_head_dim: int = _field(32, lo=1, hi=4096)
+    num_train_timesteps: int = _field(1000, lo=2, hi=100_000)
+    beta_start: float = _field(0.0001, gt=0.0, hi=1.0)
+    beta_end: float = _field(0.02, gt=0.0, hi=1.0)
+    sampler: str = _field("ddim", choices=("ddpm", "ddim"))
+    sample_steps: int = _field(50, lo=1, hi=100_000)
+    eta: float = _field(0.0, lo=0.0, hi=1.0)  # DDIM noise: 0 = deterministic, 1 = the DDPM posterior variance
+    guidance_scale: float = _field(1.0, lo=0.0, hi=100.0)  # classifier-free guidance; 1 = off
+    cond_dropout: float = _field(0.0, lo=0.0, hi=0.99)  # drop slots with this probability (enables guidance)
+    ema_decay: float = _field(0.999, lo=0.0, hi=0.999999)
 
 
 @dataclass(frozen=True)
 class SetPredConfig:
     """Set property prediction head (Slot Attention paper, section 4.2)."""
 
-    head_hidden_dim: int = 64
-    coord_weight: float = 1.0
-    huber_delta: float = 1.0
-    property_sizes: tuple[int, ...] = (5, 8, 2)  # values per categorical property, in obj_props order (sprites)
+    head_hidden_dim: int = _field(64, lo=1, hi=16384)
+    coord_weight: float = _field(1.0, lo=0.0)
+    huber_delta: float = _field(1.0, gt=0.0)
+    # values per categorical property, in obj_props order (sprites)
+    property_sizes: tuple[int, ...] = _field((5, 8, 2), lo=1, hi=100_000)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, logging and checkpointing."""
 
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 4e-4
-    schedule: str = "warmup_exp"  # warmup_exp (paper: x decay_rate every decay_steps) | warmup_cosine (report 001)
-    warmup_steps: int = 100
-    decay_rate: float = 0.5
-    decay_steps: int = 100_000
-    min_lr: float = 0.0  # floor of the cosine schedule
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    val_every: int = 200  # steps between validations
-    val_batches: int = 4  # batches of the val split used for the val loss / ARI during training
-    log_every: int = 20  # steps between metrics.jsonl lines
-    ckpt_every: int = 200  # steps between 'last' checkpoints
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    steps: int = _field(1000, lo=1, hi=10**9)
+    time_budget: float = _field(0.0, lo=0.0)  # minutes of training (0 = none): stop there, schedule ends there
+    batch_size: int = _field(32, lo=1, hi=65536)
+    lr: float = _field(4e-4, gt=0.0)
+    # warmup_exp (paper: x decay_rate every decay_steps) | warmup_cosine (report 001) | constant
+    schedule: str = _field("warmup_exp", choices=("warmup_exp", "warmup_cosine", "constant"))
+    warmup_steps: int = _field(100, lo=0, hi=10**9)
+    decay_rate: float = _field(0.5, gt=0.0, hi=1.0)
+    decay_steps: int = _field(100_000, lo=1)
+    min_lr: float = _field(0.0, lo=0.0)  # floor of the cosine schedule
+    grad_clip: float = _field(1.0, lo=0.0)  # max global grad norm; 0 = off
+    val_every: int = _field(200, lo=1)  # steps between validations
+    val_batches: int = _field(4, lo=1, hi=100_000)  # val batches used for the val loss / ARI during training
+    log_every: int = _field(20, lo=1)  # steps between metrics.jsonl lines
+    ckpt_every: int = _field(200, lo=1)  # steps between 'last' checkpoints
+    seed: int = _field(0, lo=0, hi=2**62)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    precision: str = _field("auto", choices=("auto", "bf16", "fp32"))
     compile: bool = False  # torch.compile the model (CUDA recipe)
-    threads: int = 0  # torch CPU threads; 0 = torch default
+    threads: int = _field(0, lo=0, hi=1024)  # torch CPU threads; 0 = torch default
 
 
 @dataclass(frozen=True)
@@ -154,7 +179,7 @@ class Config:
     """Everything that defines a run."""
 
     preset: str = "custom"
-    task: str = "autoencoder"  # autoencoder | vae | slot_diffusion | setpred
+    task: str = _field("autoencoder", choices=("autoencoder", "vae", "slot_diffusion", "setpred"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,6 +187,14 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     setpred: SetPredConfig = field(default_factory=SetPredConfig)
+
+
+# Overrides that --resume accepts: they change how long and how observably a run goes on, never what it computes.
+RESUME_SAFE_KEYS = (
+    "train.steps", "train.time_budget", "train.log_every", "train.val_every", "train.val_batches",
+    "train.ckpt_every", "train.device", "train.threads", "data.root", "data.cache", "data.skip_bad",
+    "data.num_workers",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +221,7 @@ def get_preset(name: str) -> Config:
     """Return the named preset; raises :class:`UserError` for an unknown name."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r} (known: {', '.join(list_presets())})")
-    return replace(PRESETS[name](), preset=name)
+    return check_config(replace(PRESETS[name](), preset=name))
 
 
 @preset("smoke")
@@ -393,14 +426,31 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         key, text = item.split("=", 1)
         path = key.strip().split(".")
         config = _set_path(config, path, text, key)
-    return config
+    return check_config(config)
+
+
+def resume_overrides(overrides: list[str]) -> list[str]:
+    """Check that every override is one --resume accepts (:data:`RESUME_SAFE_KEYS`); returns them."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_SAFE_KEYS:
+            raise UserError(f"--resume cannot change {key!r}: a run keeps the settings it was started with; only "
+                            f"{', '.join(RESUME_SAFE_KEYS)} may change (start a new run with --out for the rest)")
+    return overrides
+
+
+def _closest(name: str, known: list[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _set_path(obj: Any, path: list[str], text: str, key: str) -> Any:
     types_ = _field_types(type(obj))
     name = path[0]
     if name not in types_:
-        raise UserError(f"unknown config key {key!r}")
+        raise UserError(f"unknown config key {key!r}{_closest(name, list(types_))}")
     current = getattr(obj, name)
     if len(path) == 1:
         if is_dataclass(current):
@@ -428,10 +478,13 @@ def config_from_dict(data: dict[str, Any], cls: type = Config, where: str = "con
         if is_dataclass(type_):
             kwargs[name] = config_from_dict(value, type_, f"{where}.{name}")
         elif typing.get_origin(type_) is tuple:
-            kwargs[name] = tuple(value)
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"{where}.{name}: expected a list, got {value!r}")
+            kwargs[name] = tuple(_check_type(item, typing.get_args(type_)[0], f"{where}.{name}") for item in value)
         else:
             kwargs[name] = _check_type(value, type_, f"{where}.{name}")
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    return check_config(config, where) if cls is Config else config
 
 
 def _check_type(value: Any, type_: Any, where: str) -> Any:
@@ -440,6 +493,92 @@ def _check_type(value: Any, type_: Any, where: str) -> Any:
     if isinstance(type_, type) and not isinstance(value, type_) or (type_ is int and isinstance(value, bool)):
         raise UserError(f"{where}: expected {type_.__name__}, got {value!r}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Allowed values
+
+
+def _describe_range(meta: dict[str, Any]) -> str:
+    parts = []
+    if meta["gt"] is not None:
+        parts.append(f"> {meta['gt']:g}")
+    if meta["lo"] is not None:
+        parts.append(f">= {meta['lo']:g}")
+    if meta["hi"] is not None:
+        parts.append(f"<= {meta['hi']:g}")
+    return " and ".join(parts)
+
+
+def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
+    if meta.get("choices") is not None:
+        if value not in meta["choices"]:
+            raise UserError(f"{key}={value!r} is not one of the known values: {', '.join(meta['choices'])}"
+                            f"{_closest(str(value), list(meta['choices']))}")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}={value}: must be a finite number")
+    low_ok = (meta.get("lo") is None or value >= meta["lo"]) and (meta.get("gt") is None or value > meta["gt"])
+    if not low_ok or (meta.get("hi") is not None and value > meta["hi"]):
+        raise UserError(f"{key}={value} is out of range: must be {_describe_range(meta)}")
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_fields(value, key + ".")
+        elif isinstance(value, tuple):
+            if not value:
+                raise UserError(f"{key}: give at least one value")
+            for item in value:
+                _check_value(key, item, f.metadata or {})
+        elif f.metadata or isinstance(value, float):
+            _check_value(key, value, f.metadata or {})
+
+
+def check_config(config: Config, where: str = "") -> Config:
+    """Check every field's range or choices and the relations between fields; returns ``config`` unchanged.
+
+    Raises:
+        UserError: one line naming the key (prefixed with ``where``, e.g. a file) and what is allowed.
+    """
+    try:
+        _check_fields(config, "")
+        _check_relations(config)
+    except UserError as exc:
+        if where:
+            raise UserError(f"{where}: {exc}") from None
+        raise
+    return config
+
+
+def _check_relations(config: Config) -> None:
+    data, model, train = config.data, config.model, config.train
+    if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
+        raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
+    if model.decoder_kernel % 2 == 0:
+        raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
+    if (model.decoder == "diffusion") != (config.task == "slot_diffusion"):
+        raise UserError(f"model.decoder={model.decoder!r} does not fit task={config.task!r}: the diffusion decoder "
+                        "is the slot_diffusion task's, the broadcast decoder every other task's")
+    if config.task in ("autoencoder",) and model.decoder == "broadcast":
+        upsamplings = math.log2(data.resolution / model.decoder_grid)
+        if upsamplings < 0 or not upsamplings.is_integer():
+            raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} "
+                            "times a power of two (the broadcast decoder doubles the grid until it reaches the image)")
+    if train.min_lr > train.lr:
+        raise UserError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}")
+    if config.diffusion.beta_end <= config.diffusion.beta_start:
+        raise UserError(f"diffusion.beta_end={config.diffusion.beta_end:g} must be above diffusion.beta_start="
+                        f"{config.diffusion.beta_start:g}")
+    if config.diffusion.sample_steps > config.diffusion.num_train_timesteps:
+        raise UserError(f"diffusion.sample_steps={config.diffusion.sample_steps} is more than "
+                        f"diffusion.num_train_timesteps={config.diffusion.num_train_timesteps}")
+    device = train.device
+    if not (device in ("auto", "cpu", "mps", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"train.device={device!r}: expected auto, cpu, cuda, cuda:N or mps")
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -463,5 +602,5 @@ def load_config(path: Path) -> Config:
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "VQConfig", "VAEConfig", "DiffusionConfig", "SetPredConfig",
     "PRESETS", "preset", "list_presets", "get_preset", "apply_overrides", "config_to_dict", "config_from_dict",
-    "save_config", "load_config",
+    "save_config", "load_config", "check_config", "resume_overrides", "RESUME_SAFE_KEYS", "DATASET_NAMES",
 ]

@@ -27,7 +27,7 @@ from slotlab.data import build_dataset, to_model_batch
 from slotlab.errors import UserError
 from slotlab.metrics import ObjectDiscoveryMetrics
 from slotlab.models import build_model
-from slotlab.train.checkpoint import atomic_write_text
+from slotlab.train.checkpoint import atomic_write_text, load_weights
 from slotlab.train.loop import load_run, pick_device
 
 GALLERY_SIZE = 5  # images in best.png / worst.png
@@ -47,7 +47,7 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best", device: str = "a
         checkpoint = "last"
     config, state = load_run(run_dir, checkpoint)
     model = build_model(config)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], run_dir / "checkpoints" / f"{checkpoint}.pt")
     model.to(pick_device(device)).eval()
     return config, model
 

@@ -12,6 +12,7 @@ from slotlab.data.base import ArrayDataset, images_to_uint8, to_model_batch
 from slotlab.data.clevrtex import CLEVRTex
 from slotlab.data.folder import ImageFolder, parse_colour
 from slotlab.data.sprites import Sprites
+from slotlab.data.tetrominoes import Tetrominoes
 from slotlab.errors import UserError
 from slotlab.registry import Registry
 
@@ -23,6 +24,12 @@ SPLITS = ("train", "val", "test")
 def _sprites(cfg: DataConfig, split: str) -> ArrayDataset:
     num_images = cfg.num_train if split == "train" else cfg.num_val
     return Sprites(split, num_images, cfg.resolution, cfg.min_objects, cfg.max_objects, cfg.seed, cfg.background)
+
+
+@DATASETS.register("tetrominoes")
+def _tetrominoes(cfg: DataConfig, split: str) -> ArrayDataset:
+    num_images = cfg.num_train if split == "train" else cfg.num_val
+    return Tetrominoes(split, num_images, cfg.seed, cfg.resolution)
 
 
 @DATASETS.register("clevrtex")

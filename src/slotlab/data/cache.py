@@ -58,6 +58,7 @@ class Decoded:
     num_objects: int = 0  # objects in the full (uncropped) mask
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     error: str | None = None  # "path: reason"
+    notes: list[str] = field(default_factory=list)  # "path: what" for values kept as unknown
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class PreparedSplit:
     skipped: list[str]
     source_index: np.ndarray  # int64 [N], Source.index of each row
     cache_dir: str | None = None
+    notes: list[str] = field(default_factory=list)  # values kept as unknown, "path: what" (kept images only)
 
 
 def default_workers() -> int:
@@ -110,6 +112,7 @@ def prepare_split(sources: Sequence[Source], decode: Callable[[Source], Decoded]
     """
     arrays = _allocate(specs, len(sources), out_dir)
     skipped: list[str] = []
+    notes: list[str] = []
     kept: list[int] = []
     progress = tqdm(total=len(sources), desc=desc, unit="img", disable=len(sources) < 500, mininterval=1.0)
     try:
@@ -129,6 +132,7 @@ def prepare_split(sources: Sequence[Source], decode: Callable[[Source], Decoded]
             for name, value in item.extras.items():
                 arrays[name][row] = value
             kept.append(source.index)
+            notes += item.notes
     finally:
         progress.close()
     count = len(kept)
@@ -141,7 +145,7 @@ def prepare_split(sources: Sequence[Source], decode: Callable[[Source], Decoded]
         arrays = _open_arrays(out_dir, specs, count)
     else:
         arrays = {name: array[:count] for name, array in arrays.items()}
-    return PreparedSplit(arrays, skipped, np.array(kept, dtype=np.int64))
+    return PreparedSplit(arrays, skipped, np.array(kept, dtype=np.int64), notes=notes)
 
 
 def _row_bytes(spec: ArraySpec) -> int:
@@ -205,6 +209,7 @@ def cached_split(directory: Path, specs: dict[str, ArraySpec],
     try:
         prepared = build(tmp)
         meta = {"format": CACHE_FORMAT, "count": len(prepared.source_index), "skipped": prepared.skipped,
+                "notes": prepared.notes,
                 "arrays": {name: {"shape": list(spec.shape), "dtype": spec.dtype} for name, spec in specs.items()}}
         np.save(tmp / "source_index.npy", prepared.source_index)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks the cache complete
@@ -232,7 +237,7 @@ def _load_cached(directory: Path, specs: dict[str, ArraySpec]) -> PreparedSplit 
         source_index = np.load(directory / "source_index.npy")
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or damaged: rebuilt by the caller (it is derived data)
-    return PreparedSplit(arrays, list(meta["skipped"]), source_index, str(directory))
+    return PreparedSplit(arrays, list(meta["skipped"]), source_index, str(directory), list(meta.get("notes", [])))
 
 
 def _remove_stale_siblings(directory: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from slotlab.errors import UserError
 SPLITS = {"test": (0.0, 0.1), "val": (0.1, 0.2), "train": (0.2, 1.0)}
 VARIANTS = CLEVRTEX_VARIANTS + RENDERED_VARIANTS
 CROP_FRACTION = 0.8
-LOADER_VERSION = 1  # part of the cache key: bump when decoding changes
+LOADER_VERSION = 2  # part of the cache key: bump when decoding changes
 
 
 class BadFile(Exception):
@@ -199,15 +200,16 @@ class CLEVRTexDecoder:
         item = Decoded(image=image_rgb(image, self.crop, self.resolution),
                        mask=resize_ids(ids, self.crop, self.resolution), num_objects=count_objects(ids))
         if self.property_values is not None:
-            item.extras = self.object_extras(source.meta, int(ids.max()) if ids.size else 0)
+            item.extras, item.notes = self.object_extras(source.meta, int(ids.max()) if ids.size else 0)
         return item
 
-    def object_extras(self, path: Path, max_id: int) -> dict[str, np.ndarray]:
+    def object_extras(self, path: Path, max_id: int) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The set-prediction extras of one json, and a note per object value left unknown."""
         try:
             objects = json.loads(path.read_text())["objects"]
             if not isinstance(objects, list):
                 raise TypeError("'objects' is not a list")
-            coords, props = encode_objects(objects, self.property_values, MAX_OBJECTS)
+            coords, props, unknown = encode_objects(objects, self.property_values, MAX_OBJECTS)
         except (OSError, UnicodeDecodeError) as exc:
             raise BadFile(f"{path}: cannot read ({exc})") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
@@ -216,7 +218,7 @@ class CLEVRTexDecoder:
             raise BadFile(f"{path}: {exc}") from None
         if max_id > len(objects):
             raise BadFile(f"{path}: the mask has object id {max_id} but the json lists {len(objects)} objects")
-        return {"obj_coords": coords, "obj_props": props}
+        return {"obj_coords": coords, "obj_props": props}, [f"{path}: {note}" for note in unknown]
 
 
 # ---------------------------------------------------------------------------------------------------- dataset
@@ -284,7 +286,11 @@ class CLEVRTex(ArrayDataset):
         info = {"name": "clevrtex", "variant": variant, "split": split if variant != "outd" else "all",
                 "root": str(folder), "resolution": resolution, "crop": crop, "max_objects": max_objects,
                 "num_indexed": len(sources), "skipped_files": problems + prepared.skipped,
-                "source_index": prepared.source_index, "cache_dir": prepared.cache_dir}
+                "source_index": prepared.source_index, "cache_dir": prepared.cache_dir,
+                "unknown_values": prepared.notes}
+        if prepared.notes:  # once per split: discovery goes on, set prediction refuses (it needs the values)
+            print(f"warning: clevrtex {variant} {split}: {len(prepared.notes)} object value(s) outside the known "
+                  f"vocabulary are kept as unknown (-1), e.g. {prepared.notes[0]}", file=sys.stderr)
         if with_objects:
             info["property_names"] = list(PROPERTY_NAMES)
             info["property_values"] = values

@@ -87,39 +87,43 @@ def property_values(variant: str) -> dict[str, list[str]]:
 
 
 def encode_objects(objects: list[dict[str, Any]], values: dict[str, list[str]],
-                   max_objects: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray]:
-    """Scene json objects -> ``obj_coords`` float32 ``[max_objects, 3]`` and ``obj_props`` int64 ``[max_objects, 4]``.
+                   max_objects: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scene json objects -> ``obj_coords`` float32 ``[max_objects, 3]``, ``obj_props`` int64 ``[max_objects, 4]``
+    and a note for every value that could not be used.
 
-    Row ``m`` is ``objects[m]`` (mask id ``m + 1``); padding rows have coordinates 0 and properties -1 (an object
-    without ``color`` gets -1 in that column only). Names are matched case-insensitively (CLEVRTex writes some
-    materials in lower case).
+    Row ``m`` is ``objects[m]`` (mask id ``m + 1``); padding rows have coordinates 0 and properties -1. A value outside
+    the vocabulary (a new material, a colour given as RGB, ...) or a missing one is kept as unknown (-1, coordinates
+    0) and noted: object discovery never needs it, and set prediction refuses data with such notes. Names are matched
+    case-insensitively (CLEVRTex writes some materials in lower case); a missing ``color`` is expected (CLEVRTex only
+    colours objects in vbg) and not noted.
 
     Raises:
-        ValueError: more than ``max_objects`` objects, a missing field or a value outside the vocabulary (the
-            caller names the file).
+        ValueError: more than ``max_objects`` objects, or an object that is not a mapping (the caller names the file).
     """
     if len(objects) > max_objects:
         raise ValueError(f"{len(objects)} objects, more than the {max_objects} the object extras hold")
     lookup = {name: {v.lower(): i for i, v in enumerate(vocab)} for name, vocab in values.items()}
     coords = np.zeros((max_objects, 3), dtype=np.float32)
     props = np.full((max_objects, len(PROPERTY_NAMES)), -1, dtype=np.int64)
+    unknown: list[str] = []
     for m, obj in enumerate(objects):
         if not isinstance(obj, dict):
             raise ValueError(f"object {m} is not a mapping")
         try:
             xyz = [float(c) for c in obj["3d_coords"]]
+            if len(xyz) != 3:
+                raise ValueError
+            coords[m] = (np.array(xyz) + 3.0) / 6.0  # [-3, 3] -> [0, 1] (Slot Attention paper, set prediction)
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"object {m} has no valid 3d_coords") from None
-        if len(xyz) != 3:
-            raise ValueError(f"object {m}: 3d_coords must hold 3 numbers")
-        coords[m] = (np.array(xyz) + 3.0) / 6.0  # [-3, 3] -> [0, 1] (Slot Attention paper, set prediction)
+            unknown.append(f"object {m}: no valid 3d_coords")
         for p, name in enumerate(PROPERTY_NAMES):
             if name not in obj:
-                if name == OPTIONAL_PROPERTY:
-                    continue  # stays -1: unknown colour
-                raise ValueError(f"object {m} has no {name}")
-            value = str(obj[name]).lower()
-            if value not in lookup[name]:
-                raise ValueError(f"object {m}: unknown {name} {obj[name]!r}")
-            props[m, p] = lookup[name][value]
-    return coords, props
+                if name != OPTIONAL_PROPERTY:
+                    unknown.append(f"object {m}: no {name}")
+                continue
+            index = lookup[name].get(str(obj[name]).lower())
+            if index is None:
+                unknown.append(f"object {m}: unknown {name} {obj[name]!r}")
+            else:
+                props[m, p] = index
+    return coords, props, unknown

@@ -46,6 +46,7 @@ class IdentityLatents(nn.Module):
 
 def load_frozen_vae(run_dir: str) -> ImageVAE:
     """The trained :class:`ImageVAE` of a ``task=vae`` run directory (``best`` checkpoint, else ``last``), frozen."""
+    from slotlab.train.checkpoint import load_weights
     from slotlab.train.loop import load_run
 
     path = Path(run_dir)
@@ -57,7 +58,7 @@ def load_frozen_vae(run_dir: str) -> ImageVAE:
     if vae_config.task != "vae":
         raise UserError(f"diffusion.vae_run={run_dir!r} is a {vae_config.task!r} run, not a vae run")
     vae = ImageVAE(vae_config)
-    vae.load_state_dict(state["model"])
+    load_weights(vae, state["model"], path / "checkpoints" / f"{checkpoint}.pt")
     return vae
 
 

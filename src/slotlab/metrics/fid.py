@@ -21,6 +21,7 @@ import importlib.util
 import io
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -245,4 +246,9 @@ def fid_between_folders(dir_a: Path, dir_b: Path, kid: bool = True, device: str 
         result["kid"] = kernel_inception_distance(features_a, features_b)
     result["num_a"], result["num_b"] = len(features_a), len(features_b)
     result["fid"] = frechet_distance(features_a, features_b)
+    fewest = min(len(features_a), len(features_b))
+    if fewest < FEATURE_DIM:
+        print(f"warning: FID from {len(features_a)} and {len(features_b)} images: with fewer images than the "
+              f"{FEATURE_DIM} Inception features the covariances are rank-deficient and FID is biased upwards; compare "
+              "only FIDs computed from the same numbers of images", file=sys.stderr)
     return result

@@ -103,6 +103,16 @@ class SetPredictionModel(nn.Module):
         )
 
     # -------------------------------------------------------------------------------------------------- loss
+    def check_dataset(self, dataset) -> None:
+        """Trainer hook: refuse a dataset whose object metadata holds values outside the known vocabulary.
+
+        Object discovery keeps such values as unknown (-1); set prediction would silently learn from holes.
+        """
+        notes = dataset.info.get("unknown_values", [])
+        if notes:
+            raise UserError(f"set prediction needs every object's properties, but {len(notes)} object value(s) of "
+                            f"dataset {self.config.data.name!r} are outside the known vocabulary, e.g. {notes[0]}")
+
     def _check_targets(self, batch: dict[str, torch.Tensor]) -> None:
         """Once per model: the batch carries the extras and they fit ``setpred.property_sizes``."""
         missing = [name for name in ("obj_coords", "obj_props") if name not in batch]

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +59,14 @@ def env_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise UserError(f"environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def env_rank() -> int:
+    """``RANK`` set by torchrun (0 when the process was started any other way)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise UserError(f"environment variable RANK={os.environ['RANK']!r} is not an integer") from None
 
 
 def init(device: torch.device) -> DistInfo:
@@ -194,20 +203,24 @@ def launch_train(devices: int, preset: str | None, out: str | None, resume: str 
     CUDA, G may not exceed the number of GPUs; on CPU any number of gloo processes can run (torchrun gives each
     ``OMP_NUM_THREADS=1`` unless it is set).
     """
-    from slotlab.config import apply_overrides, get_preset
+    from slotlab.config import apply_overrides, get_preset, resume_overrides
 
     if devices < 1:
         raise UserError(f"--devices {devices}: expected a positive number of processes")
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise UserError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) visible")
+    from slotlab.runs import check_new_run_dir
+
     if resume:
         if preset or out:
             raise UserError("--resume RUN_DIR takes no --preset or --out (the run directory has its config)")
+        resume_overrides(overrides)
         args = ["--resume", resume]
     else:
         if not preset or not out:
             raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR)")
         check_batch_size(apply_overrides(get_preset(preset), overrides).train.batch_size, DistInfo(0, devices))
+        check_new_run_dir(Path(out))
         args = ["--preset", preset, "--out", out]
     for item in overrides:
         args += ["--set", item]
@@ -217,6 +230,6 @@ def launch_train(devices: int, preset: str | None, out: str | None, resume: str 
 
 
 __all__ = [
-    "DistInfo", "batch_randn", "batch_shard", "check_batch_size", "current", "env_world_size", "init",
+    "DistInfo", "batch_randn", "batch_shard", "check_batch_size", "current", "env_rank", "env_world_size", "init",
     "launch_train", "main_first", "rank_device", "reduce_logs", "shard_indices", "shutdown", "torchrun_command",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ class MetricsLog:
                 self.writer = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run rewrites them exactly)."""
+        """Drop records past ``step`` (a resumed run rewrites them exactly), and any torn or damaged line."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and
-                json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        from slotlab.train.checkpoint import atomic_write_text
+
+        keep = [record for record in read_metrics(self.path.parent) if record.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in keep))
 
     def log(self, step: int, split: str, values: dict[str, Any]) -> None:
         record = {"step": step, "split": split, **{k: _plain(v) for k, v in values.items()}}
@@ -50,7 +52,24 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``; a torn or damaged line (e.g. from a full disk) is dropped with a
+    warning on stderr."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, dropped = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            dropped.append(number)
+    if dropped:
+        print(f"warning: {path}: dropped {len(dropped)} damaged line(s) (line {dropped[0]}"
+              f"{' ...' if len(dropped) > 1 else ''})", file=sys.stderr)
+    return records

@@ -22,6 +22,7 @@ logging, validation and checkpoint steps. Several processes (``torchrun``) train
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,19 +34,55 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slotlab.config import Config, config_from_dict, config_to_dict, save_config
+from slotlab.config import Config, apply_overrides, config_from_dict, config_to_dict, resume_overrides, save_config
 from slotlab.data import ArrayDataset, build_dataset, to_model_batch
 from slotlab.errors import UserError
 from slotlab.metrics import ARIMetric
 from slotlab.models import build_model
+from slotlab.runs import RunLock, check_new_run_dir, clear_start_leftovers, has_checkpoint
 from slotlab.train import distributed
-from slotlab.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from slotlab.train.checkpoint import (
+    atomic_write_text,
+    first_line,
+    load_checkpoint,
+    load_weights,
+    non_finite_weights,
+    save_checkpoint,
+)
 from slotlab.train.logging import MetricsLog
 from slotlab.train.schedule import lr_at
 
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class FiniteGuard:
+    """Remembers the first step whose loss or gradient norm was not finite, without a host-device sync.
+
+    :meth:`update` runs after every step on the device; :meth:`check` reads the record back (one sync) and raises
+    :class:`TrainingError`. The trainer checks every step on CPU (a sync costs nothing there) and before every log,
+    validation and checkpoint on a GPU, so no checkpoint ever holds the weights of a bad step, and the error names the
+    step that went wrong even when it is found later.
+    """
+
+    NAMES = ("loss", "grad_norm")
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((len(self.NAMES),), -1, dtype=torch.long, device=device)  # per name, -1 = none
+
+    def update(self, logs: dict[str, torch.Tensor], step: int) -> None:
+        for i, name in enumerate(self.NAMES):
+            if name in logs:
+                bad = ~torch.isfinite(logs[name].detach().float())
+                fresh = bad & (self.first_bad[i] < 0)
+                self.first_bad[i] = torch.where(fresh, torch.tensor(step, device=self.first_bad.device),
+                                                self.first_bad[i])
+
+    def bad_step(self) -> tuple[str, int] | None:
+        """``(name, step)`` of the first non-finite value, or None."""
+        found = [(step, name) for name, step in zip(self.NAMES, self.first_bad.tolist()) if step >= 0]
+        return (min(found)[1], min(found)[0]) if found else None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -186,14 +223,25 @@ class Trainer:
         if skipped and self.dist.is_main:  # data.skip_bad=true: say which files were left out, and why
             atomic_write_text(self.run_dir / "skipped_files.txt", "\n".join(skipped) + "\n")
         self.model = prepare_model(build_model(config), self.device)
+        if hasattr(self.model, "check_dataset"):  # optional hook: a task refuses data it cannot learn from
+            self.model.check_dataset(self.train_set)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.best_val = math.inf
+        self.train_seconds = 0.0  # time spent in training steps so far (over every session of the run)
+        self.saved_steps: dict[str, int] = {}  # checkpoint name -> step it holds
         if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            last = self.run_dir / "checkpoints" / "last.pt"
+            load_weights(self.model, state["model"], last)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+                raise UserError(f"checkpoint {last}: optimizer state does not fit the model ({first_line(exc)})"
+                                ) from None
             self.step = int(state["step"])
             self.best_val = float(state.get("best_val", math.inf))
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.saved_steps["last"] = self.step
         elif hasattr(self.model, "init_fresh_run"):  # optional hook, new runs only: e.g. start from a trained run
             self.model.init_fresh_run()
         # The training loss: model.compute_loss, wrapped in DDP for torchrun and compiled with train.compile.
@@ -202,6 +250,8 @@ class Trainer:
         self.prefetcher = BatchPrefetcher(self.fetch_batch) if self.device.type == "cuda" else None
         self.log = MetricsLog(self.run_dir) if self.dist.is_main else None
         self.stop_signal: str | None = None
+        self.guard = FiniteGuard(self.device)
+        self.check_every_step = self.device.type != "cuda"  # a host-device sync costs nothing on the CPU
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -211,10 +261,34 @@ class Trainer:
             "step": self.step,
             "config": config_to_dict(self.config),
             "best_val": self.best_val,
+            "train_seconds": self.train_seconds,
         }
 
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingError` if any step so far had a non-finite loss or gradient norm, or if the weights
+        are not finite; names the bad step and the last good checkpoint, which stays on disk."""
+        bad = self.guard.bad_step()
+        if bad is not None:
+            name, step = bad
+            raise TrainingError(f"the {name.replace('_', ' ')} became non-finite at step {step}; training stopped "
+                                f"there. {self._kept_checkpoint()}")
+        weights = non_finite_weights(self.model.state_dict())
+        if weights:
+            raise TrainingError(f"the weights became non-finite by step {self.step} ({weights[0]}); training stopped "
+                                f"there. {self._kept_checkpoint()}")
+
+    def _kept_checkpoint(self) -> str:
+        folder = self.run_dir / "checkpoints"
+        if "last" in self.saved_steps:
+            return (f"The last good checkpoint, {folder / 'last.pt'} (step {self.saved_steps['last']}), is kept; "
+                    "lower train.lr or raise train.grad_clip before resuming.")
+        return "No checkpoint had been written yet."
+
     def save(self, name: str) -> None:
+        """Write checkpoint ``name`` (atomically), only after checking that the run is still finite."""
+        self.check_finite()
         save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", self.state_dict())
+        self.saved_steps[name] = self.step
 
     # ------------------------------------------------------------------------------------------------ steps
     def fetch_batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -232,7 +306,7 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.seed, self.step))
         raw = self.prefetcher.get(self.step) if self.prefetcher else self.fetch_batch(self.step)
         batch = to_model_batch(raw, self.device, non_blocking=True)  # normalised on the device
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg, self.budget_progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -281,15 +355,18 @@ class Trainer:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _check_finite(self, values: dict[str, float]) -> None:
-        for name in ("loss", "grad_norm"):  # a non-finite gradient norm would turn the weights into NaN
-            if name in values and not math.isfinite(values[name]):
-                raise TrainingError(
-                    f"{name} is {values[name]} at step {self.step}; stopped, keeping the last good checkpoint in "
-                    f"{self.run_dir / 'checkpoints'}")
+    def budget_progress(self) -> float | None:
+        """Fraction of ``train.time_budget`` used so far (None without a budget)."""
+        budget = self.config.train.time_budget
+        return self.train_seconds / (budget * 60.0) if budget > 0 else None
+
+    def out_of_time(self) -> bool:
+        progress = self.budget_progress()
+        return progress is not None and progress >= 1.0
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``train.steps``; returns the last validation record (empty on ranks other than 0)."""
+        """Train until ``train.steps`` (or ``train.time_budget``); returns the last validation record (empty on ranks
+        other than 0)."""
         cfg = self.config.train
         main = self.dist.is_main
         if main:
@@ -300,42 +377,49 @@ class Trainer:
                         disable=not main)
         last_val: dict[str, Any] = {}
         window_start, window_images = time.perf_counter(), 0
+        own_clock = not self.dist.enabled
+        budget_stop = False
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not (own_clock and self.out_of_time()):
+                step_start = time.perf_counter()
                 logs = self.train_step()
                 self.step += 1
+                self.guard.update(logs, self.step)
+                if self.check_every_step:
+                    self.check_finite()
+                self.train_seconds += time.perf_counter() - step_start
                 window_images += cfg.batch_size
                 progress.update(1)
-                is_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
-                is_val = self.step % cfg.val_every == 0 or self.step == cfg.steps
-                is_ckpt = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
-                stop = self.stop_signal is not None
+                is_last = self.step == cfg.steps or (own_clock and self.out_of_time())
+                is_log = self.step % cfg.log_every == 0 or is_last
+                is_val = self.step % cfg.val_every == 0 or is_last
+                is_ckpt = self.step % cfg.ckpt_every == 0 or is_last
+                # Data-parallel ranks end on rank 0's clock, where they agree to stop (below).
+                stop = self.stop_signal is not None or (not own_clock and main and self.out_of_time())
                 if is_log or is_val or is_ckpt:
-                    # The step's values come back to the host only here (averaged over the ranks), and are checked
-                    # before anything is validated or saved: a checkpoint never holds the weights of a bad step.
-                    # The ranks also agree here on stopping, so that all of them leave at the same step.
+                    # The step's values come back to the host only here (averaged over the ranks), after the
+                    # finiteness check: a checkpoint never holds the weights of a bad step. The ranks also agree here
+                    # on stopping, so that all of them leave at the same step.
+                    self.check_finite()
                     values, stop = distributed.reduce_logs(logs, self.dist, self.device, stop)
-                    self._check_finite(values)
                     if is_log and main:
                         elapsed = time.perf_counter() - window_start
                         values["images_per_s"] = window_images / max(elapsed, 1e-9)
                         values["epoch"] = self.step * cfg.batch_size / len(self.train_set)
+                        values["train_minutes"] = self.train_seconds / 60.0
                         window_start, window_images = time.perf_counter(), 0
                         self.log.log(self.step, "train", values)
                         progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}")
                 elif self.dist.enabled:
                     stop = False  # another rank may have been signalled later: wait for the next agreement
                 if is_val and main:
-                    last_val = self.validate()
-                    last_val["epoch"] = self.step * cfg.batch_size / len(self.train_set)
-                    self.log.log(self.step, "val", last_val)
-                    if last_val["loss"] < self.best_val:
-                        self.best_val = last_val["loss"]
-                        self.save("best")
+                    last_val = self.validate_and_log()
                 if is_ckpt and main:
                     self.save("last")
                 if stop:
-                    self.stop_signal = self.stop_signal or "a signal to another rank"
+                    budget_stop = self.stop_signal is None and main and self.out_of_time()
+                    if not budget_stop:
+                        self.stop_signal = self.stop_signal or "a signal to another rank"
                     break
         finally:  # (a second Ctrl-C raises KeyboardInterrupt mid-step: the last periodic checkpoint is kept as is)
             for sig, handler in previous_handlers.items():
@@ -345,9 +429,14 @@ class Trainer:
                 self.prefetcher.close()
         if self.stop_signal:
             if main:
-                self.save("last")
+                self.save("last")  # checks finiteness first: a diverged run never overwrites its good checkpoint
                 print(f"stopped by {self.stop_signal} at step {self.step}; checkpoint saved. "
                       f"Resume with: slotlab train --resume {self.run_dir}")
+        elif main and self.out_of_time():
+            if budget_stop and self.saved_steps.get("last") != self.step:  # end like a finished run
+                last_val = self.validate_and_log()
+                self.save("last")
+            print(f"train.time_budget of {cfg.time_budget:g} minutes used up at step {self.step}")
         if main:
             self.log.close()
             from slotlab.report.plots import plot_curves
@@ -355,50 +444,86 @@ class Trainer:
             plot_curves(self.run_dir)
         return last_val
 
+    def validate_and_log(self) -> dict[str, Any]:
+        """Validate, append the record to the log, and save ``best`` when the val loss is the lowest so far."""
+        record = self.validate()
+        record["epoch"] = self.step * self.config.train.batch_size / len(self.train_set)
+        self.log.log(self.step, "val", record)
+        if record["loss"] < self.best_val:
+            self.best_val = record["loss"]
+            self.save("best")
+        return record
+
+
+def _own(run_dir: Path):
+    """The run directory's lock, held by the process that writes it (rank 0 under torchrun)."""
+    return RunLock(run_dir) if distributed.env_rank() == 0 else nullcontext()
+
 
 def train(config: Config, run_dir: Path) -> Trainer:
-    """Start a new run in ``run_dir`` (which must not hold a run already) and train it."""
+    """Start a new run in ``run_dir`` and train it.
+
+    ``run_dir`` must not hold a run (a checkpoint) or files of anything else; the leftovers of a start that failed
+    before its first checkpoint are cleared. The directory is locked for the whole run (:class:`~slotlab.runs.RunLock`).
+    """
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or choose another --out")
+    check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything
+    created = not run_dir.exists()
     try:
-        # Under torchrun every rank has checked run_dir above before rank 0 writes to it: the ranks meet in DDP's
-        # set-up inside Trainer() first.
-        trainer = Trainer(config, run_dir)
-        if trainer.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "config.json")
-        trainer.fit()
+        with _own(run_dir):
+            if distributed.env_rank() == 0:
+                check_new_run_dir(run_dir)  # again, now that no other process can be writing it
+                clear_start_leftovers(run_dir)
+            # Under torchrun the ranks meet in DDP's set-up inside Trainer(), after every rank checked run_dir.
+            trainer = Trainer(config, run_dir)
+            if trainer.dist.is_main:
+                save_config(config, run_dir / "config.json")
+            trainer.fit()
+    except BaseException:
+        if created and distributed.env_rank() == 0 and not has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a start that failed leaves nothing behind
+        raise
     finally:
         distributed.shutdown()
     return trainer
 
 
-def load_run(run_dir: Path, checkpoint: str = "last") -> tuple[Config, dict[str, Any]]:
-    """The config and the named checkpoint (``last`` or ``best``) of a run directory."""
+def checkpoint_path(run_dir: Path, checkpoint: str = "last") -> Path:
+    """``RUN_DIR/checkpoints/<checkpoint>.pt``, checked to exist."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"missing run directory {run_dir}")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.exists():
         raise UserError(f"run directory {run_dir} has no checkpoint {checkpoint}.pt (not trained yet?)")
+    return path
+
+
+def load_run(run_dir: Path, checkpoint: str = "last") -> tuple[Config, dict[str, Any]]:
+    """The config and the named checkpoint (``last`` or ``best``) of a run directory."""
+    path = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(path)
     config = config_from_dict(state["config"], Config, str(path))
     return config, state
 
 
 def resume(run_dir: Path, overrides: list[str] | None = None) -> Trainer:
-    """Continue a run from ``checkpoints/last.pt``; overrides may change e.g. ``train.steps``."""
-    from slotlab.config import apply_overrides
+    """Continue a run from ``checkpoints/last.pt``.
 
+    Only the overrides in :data:`~slotlab.config.RESUME_SAFE_KEYS` are accepted (``train.steps``, logging,
+    validation, checkpointing, device, ...): anything else would make the run a mix of two configurations.
+    """
     run_dir = Path(run_dir)
-    config, state = load_run(run_dir, "last")
-    config = apply_overrides(config, overrides or [])
+    overrides = resume_overrides(overrides or [])
+    checkpoint_path(run_dir, "last")  # a run to resume, before the lock creates anything
     try:
-        trainer = Trainer(config, run_dir, state)
-        if trainer.dist.is_main:
-            save_config(config, run_dir / "config.json")
-        trainer.fit()
+        with _own(run_dir):
+            config, state = load_run(run_dir, "last")
+            config = apply_overrides(config, overrides)
+            trainer = Trainer(config, run_dir, state)
+            if trainer.dist.is_main:
+                save_config(config, run_dir / "config.json")
+            trainer.fit()
     finally:
         distributed.shutdown()
     return trainer

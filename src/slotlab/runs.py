@@ -1,0 +1,103 @@
+"""Run directories: who may write one, and when a folder counts as a run.
+
+* A folder becomes a **run** once its first checkpoint (``checkpoints/last.pt`` or ``best.pt``) exists. Before that
+  (a start that failed, or was killed before its first checkpoint), ``slotlab train --out`` may reuse it: the
+  leftovers of that start are cleared. A folder holding anything else is never written into.
+* One process at a time owns a run directory: :class:`RunLock` holds an operating-system lock on ``RUN_DIR/.lock``
+  (``filelock``) for the life of ``train``. A second writer gets ``error: RUN_DIR is in use by process N``; a lock
+  left by a dead process is released by the system, so the next ``train`` simply takes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from slotlab.errors import UserError
+
+LOCK_NAME = ".lock"
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+# What a start of `slotlab train` writes before its first checkpoint: safe to clear when the folder is reused.
+START_LEFTOVERS = ("config.json", "metrics.jsonl", "tb", "curves.png", "skipped_files.txt", "checkpoints", LOCK_NAME)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any((Path(run_dir) / "checkpoints" / name).exists() for name in CHECKPOINT_NAMES)
+
+
+def check_writable_dir(path: Path, what: str = "--out") -> None:
+    """``path`` is a folder, or can become one: neither it nor a parent is a file."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{what} {path}: {folder} is a file, not a folder")
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse ``--out run_dir`` when it holds a run, or files that are not the leftovers of a failed start."""
+    run_dir = Path(run_dir)
+    check_writable_dir(run_dir)
+    if not run_dir.exists():
+        return
+    if has_checkpoint(run_dir):
+        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or choose another --out")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in START_LEFTOVERS)
+    if foreign or ((run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists()):
+        example = foreign[0] if foreign else "metrics.jsonl"
+        raise UserError(f"{run_dir} is not empty and is not a slotlab run (it holds {example}); choose another --out")
+
+
+def clear_start_leftovers(run_dir: Path) -> None:
+    """Remove what a failed start left in ``run_dir`` (never the lock, which the caller holds)."""
+    for name in START_LEFTOVERS:
+        path = Path(run_dir) / name
+        if name == LOCK_NAME or not os.path.lexists(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+class RunLock:
+    """Exclusive ownership of a run directory for one process (a context manager).
+
+    Example:
+        >>> with RunLock(Path("runs/demo")):  # doctest: +SKIP
+        ...     train_the_run()
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.lock: FileLock | None = None
+
+    def holder(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            pid = ""
+        return f"process {pid}" if pid.isdigit() else "another process"
+
+    def __enter__(self) -> RunLock:
+        check_writable_dir(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(self.path)
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(f"{self.run_dir} is in use by {self.holder()} (one `slotlab train` at a time per run "
+                            "directory)") from None
+        self.path.write_text(f"{os.getpid()}\n")  # the contents are ours while we hold the lock
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+__all__ = ["RunLock", "check_new_run_dir", "check_writable_dir", "clear_start_leftovers", "has_checkpoint"]
