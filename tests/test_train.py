@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slotlab.config import apply_overrides, get_preset, list_presets
+from slotlab.config import PROCEDURAL_DATASETS, apply_overrides, get_preset, list_presets
 from slotlab.errors import UserError
 from slotlab.train.checkpoint import load_checkpoint
 from slotlab.train.loop import Trainer, TrainingError, resume, train
@@ -87,11 +87,12 @@ def test_lr_schedules():
 
 
 def _presets_with_procedural_data() -> list[str]:
-    return [name for name in list_presets() if get_preset(name).data.name == "sprites"]
+    return [name for name in list_presets() if get_preset(name).data.name in PROCEDURAL_DATASETS]
 
 
 @pytest.mark.parametrize("name", _presets_with_procedural_data())
-def test_every_sprites_preset_runs_one_step(name, tmp_path):
+def test_every_preset_with_procedural_data_runs_one_step(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLOTLAB_CACHE_DIR", str(tmp_path / "cache"))
     config = apply_overrides(get_preset(name), [
         "train.steps=1", "train.batch_size=2", "train.val_batches=1", "train.compile=false",
         "data.num_train=4", "data.num_val=2",
@@ -168,3 +169,30 @@ def test_every_preset_with_rendered_data_runs_one_step(tmp_path):
         if preset.task == "vae":
             trainer.save("last")
             vae_runs[preset.data.variant] = run_dir
+
+
+def test_time_budget_stops_the_run_on_time_and_ends_the_cosine_there(tmp_path):
+    config = apply_overrides(get_preset("smoke"), [
+        "train.steps=1000000", "train.time_budget=0.04", "train.schedule=warmup_cosine", "train.warmup_steps=2",
+        "train.log_every=5", "train.ckpt_every=1000", "train.val_every=1000", "train.lr=0.001"])
+    start = time.perf_counter()
+    trainer = train(config, tmp_path / "run")
+    assert time.perf_counter() - start < 0.04 * 60 + 20  # start-up and the final validation on top of 2.4 s
+    assert 2.4 <= trainer.train_seconds < 2.4 + 1.0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in records if r["split"] == "train"][-1]
+    assert last_train["step"] == trainer.step == load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"]
+    assert records[-1]["split"] == "val" and records[-1]["step"] == trainer.step  # validated at the end
+    assert last_train["lr"] < 0.02 * 0.001  # the schedule ended with the budget
+    peak = max(r["lr"] for r in records if r["split"] == "train")
+    assert peak > 0.5 * 0.001
+    resumed = resume(tmp_path / "run")  # the budget is used up: nothing more to do
+    assert resumed.step == trainer.step
+
+
+def test_the_cosine_follows_time_when_a_budget_runs_out_first():
+    cfg = apply_overrides(get_preset("smoke"), ["train.schedule=warmup_cosine", "train.warmup_steps=10",
+                                                "train.steps=1000000", "train.time_budget=10"]).train
+    assert lr_at(20, cfg, budget_progress=0.5) == pytest.approx(cfg.lr / 2)
+    assert lr_at(20, cfg, budget_progress=1.0) == pytest.approx(0.0)
+    assert lr_at(20, cfg, budget_progress=None) == pytest.approx(cfg.lr, rel=1e-3)

@@ -258,6 +258,47 @@ def _sprites_cpu() -> Config:
     )
 
 
+@preset("tetrominoes-cpu")
+def _tetrominoes_cpu() -> Config:
+    """Tetrominoes (35x35, three pieces, K=4) on two CPU cores in a 15-minute training budget."""
+    return Config(
+        data=DataConfig(name="tetrominoes", resolution=35, num_train=60_000, num_val=320, min_objects=3,
+                        max_objects=3),
+        model=ModelConfig(encoder_channels=32, input_dim=32, num_slots=4, slot_dim=64, slot_hidden_dim=128,
+                          decoder_channels=32, decoder_grid=35, decoder_layers=3, decoder_kernel=3,
+                          slot_init="bo_qsa", iters=7),
+        train=TrainConfig(steps=1_000_000, time_budget=15.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
+                          warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250),
+    )
+
+
+@preset("multi-dsprites-cpu")
+def _multi_dsprites_cpu() -> Config:
+    """Multi-dSprites (64x64, 2-5 coloured sprites on grey, K=6) on two CPU cores in a 60-minute training budget."""
+    return Config(
+        data=DataConfig(name="multi_dsprites", resolution=64, num_train=60_000, num_val=320, min_objects=2,
+                        max_objects=5),
+        model=ModelConfig(encoder_channels=32, input_dim=32, num_slots=6, slot_dim=64, slot_hidden_dim=128,
+                          decoder_channels=32, decoder_grid=64, decoder_layers=3, decoder_kernel=3,
+                          slot_init="bo_qsa", iters=7),
+        train=TrainConfig(steps=1_000_000, time_budget=60.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
+                          warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250),
+    )
+
+
+@preset("clevr6-cpu")
+def _clevr6_cpu() -> Config:
+    """CLEVR6 (3-6 ray-cast CLEVR objects at 64x64, K=7) on two CPU cores in a 120-minute training budget."""
+    return Config(
+        data=DataConfig(name="clevr6", resolution=64, num_train=40_000, num_val=320, min_objects=3, max_objects=6),
+        model=ModelConfig(encoder_channels=32, input_dim=32, num_slots=7, slot_dim=64, slot_hidden_dim=128,
+                          decoder_channels=32, decoder_grid=64, decoder_layers=3, decoder_kernel=3,
+                          slot_init="bo_qsa", iters=7),
+        train=TrainConfig(steps=1_000_000, time_budget=120.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
+                          warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250),
+    )
+
+
 @preset("clevrtex")
 def _clevrtex() -> Config:
     """The assignment's GPU recipe: CLEVRTex at 128x128, K=11, paper CNN, 500k steps at batch 64."""
@@ -603,4 +644,5 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "VQConfig", "VAEConfig", "DiffusionConfig", "SetPredConfig",
     "PRESETS", "preset", "list_presets", "get_preset", "apply_overrides", "config_to_dict", "config_from_dict",
     "save_config", "load_config", "check_config", "resume_overrides", "RESUME_SAFE_KEYS", "DATASET_NAMES",
+    "PROCEDURAL_DATASETS",
 ]

@@ -8,9 +8,12 @@ New datasets register a factory ``(DataConfig, split) -> ArrayDataset`` in :data
 from __future__ import annotations
 
 from slotlab.config import DataConfig
+from slotlab.data import tetrominoes
 from slotlab.data.base import ArrayDataset, images_to_uint8, to_model_batch
+from slotlab.data.clevr6 import Clevr6
 from slotlab.data.clevrtex import CLEVRTex
 from slotlab.data.folder import ImageFolder, parse_colour
+from slotlab.data.multi_dsprites import MultiDSprites
 from slotlab.data.sprites import Sprites
 from slotlab.data.tetrominoes import Tetrominoes
 from slotlab.errors import UserError
@@ -26,10 +29,42 @@ def _sprites(cfg: DataConfig, split: str) -> ArrayDataset:
     return Sprites(split, num_images, cfg.resolution, cfg.min_objects, cfg.max_objects, cfg.seed, cfg.background)
 
 
+def _split_size(cfg: DataConfig, split: str) -> int:
+    return cfg.num_train if split == "train" else cfg.num_val
+
+
+def _check_object_range(cfg: DataConfig, low: int, high: int) -> None:
+    if not low <= cfg.min_objects <= cfg.max_objects <= high:
+        raise UserError(f"data.min_objects={cfg.min_objects}, data.max_objects={cfg.max_objects}: dataset "
+                        f"{cfg.name!r} draws between {low} and {high} objects per image")
+
+
 @DATASETS.register("tetrominoes")
 def _tetrominoes(cfg: DataConfig, split: str) -> ArrayDataset:
-    num_images = cfg.num_train if split == "train" else cfg.num_val
-    return Tetrominoes(split, num_images, cfg.seed, cfg.resolution)
+    """Three Tetris pieces on black (35x35), drawn on the fly; see slotlab.data.tetrominoes."""
+    if cfg.resolution < tetrominoes.MIN_RESOLUTION:
+        raise UserError(f"data.resolution={cfg.resolution}: tetrominoes need at least {tetrominoes.MIN_RESOLUTION} "
+                        "pixels (a piece is up to 20 pixels long); the published size is 35")
+    _check_object_range(cfg, 1, tetrominoes.MAX_PIECES)
+    return Tetrominoes(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects)
+
+
+@DATASETS.register("multi_dsprites")
+def _multi_dsprites(cfg: DataConfig, split: str) -> ArrayDataset:
+    """2-5 coloured dSprites on grayscale (64x64), drawn on the fly; see slotlab.data.multi_dsprites."""
+    if cfg.resolution < 16:
+        raise UserError(f"data.resolution={cfg.resolution}: multi_dsprites needs at least 16 pixels (published: 64)")
+    _check_object_range(cfg, 1, 10)
+    return MultiDSprites(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects)
+
+
+@DATASETS.register("clevr6")
+def _clevr6(cfg: DataConfig, split: str) -> ArrayDataset:
+    """CLEVR scenes with 3-6 objects, ray cast on the fly and cached; see slotlab.data.clevr6."""
+    if cfg.resolution < 16:
+        raise UserError(f"data.resolution={cfg.resolution}: clevr6 needs at least 16 pixels (CPU: 64, GPU: 128)")
+    _check_object_range(cfg, 1, 10)
+    return Clevr6(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects)
 
 
 @DATASETS.register("clevrtex")
@@ -55,5 +90,5 @@ def build_dataset(cfg: DataConfig, split: str) -> ArrayDataset:
 
 
 
-__all__ = ["ArrayDataset", "CLEVRTex", "DATASETS", "ImageFolder", "Sprites", "build_dataset", "images_to_uint8",
-           "to_model_batch"]
+__all__ = ["ArrayDataset", "CLEVRTex", "Clevr6", "DATASETS", "ImageFolder", "MultiDSprites", "Sprites", "Tetrominoes",
+           "build_dataset", "images_to_uint8", "to_model_batch"]

@@ -259,12 +259,13 @@ class Scene:
     floor_texture: Texture | None = None
 
 
-def sample_layout(rng: np.random.Generator, shapes: tuple[str, ...], height: int, width: int) -> Scene:
+def sample_layout(rng: np.random.Generator, shapes: tuple[str, ...], height: int, width: int,
+                  min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS) -> Scene:
     """Camera and object geometry (CLEVR's placement: uniform on [-3, 3]^2, footprints kept apart)."""
     while True:
         camera = look_at_camera(CLEVR_CAMERA + rng.uniform(-CAMERA_JITTER, CAMERA_JITTER, size=3), np.zeros(3),
                                 height, width)
-        num_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        num_objects = int(rng.integers(min_objects, max_objects + 1))
         objects: list[SceneObject] = []
         for _ in range(num_objects):
             for _attempt in range(100):
@@ -489,13 +490,16 @@ def shade_scene(scene: Scene, dirs: np.ndarray, depth: np.ndarray, ids: np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------------- one scene
-def make_scene(seed: int, index: int, variant: str, height: int, width: int,
-               shapes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Scene ``index`` of ``seed``: uint8 image ``[H, W, 3]``, uint8 ids ``[H, W]`` and its json description."""
+def make_scene(seed: int, index: int, variant: str, height: int, width: int, shapes: tuple[str, ...],
+               min_objects: int = MIN_OBJECTS,
+               max_objects: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Scene ``index`` of ``seed``: uint8 image ``[H, W, 3]``, uint8 ids ``[H, W]`` and its json description.
+
+    ``min_objects..max_objects`` objects (CLEVR: 3-10; CLEVR6, the Slot Attention paper's subset: 3-6)."""
     layout_rng = np.random.default_rng([seed, index, 0])
     min_pixels = max(4, round(MIN_VISIBLE_FRACTION * height * width))
     for _attempt in range(MAX_LAYOUT_ATTEMPTS):
-        layout = sample_layout(layout_rng, shapes, height, width)
+        layout = sample_layout(layout_rng, shapes, height, width, min_objects, max_objects)
         dirs = layout.camera.ray_directions()
         depth, ids = trace_primary(layout, dirs)
         visible = np.bincount(ids.ravel(), minlength=len(layout.objects) + 1)[1:]

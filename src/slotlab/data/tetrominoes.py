@@ -14,7 +14,9 @@ from slotlab.data.base import ArrayDataset
 
 BLOCK = 5  # pixels per block side
 RESOLUTION = 35  # the published image size
-NUM_OBJECTS = 3
+NUM_OBJECTS = 3  # pieces per image in the published set
+MAX_PIECES = 6  # most pieces slotlab places in one image (a curriculum may ask for fewer or more than 3)
+MIN_RESOLUTION = 24  # the longest piece is 4 blocks = 20 pixels
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 COLOUR_RGB = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)],
                       dtype=np.uint8)
@@ -61,12 +63,22 @@ def render_tetromino_scene(rng: np.random.Generator, size: int = RESOLUTION,
                            num_objects: int = NUM_OBJECTS) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """One scene: uint8 image ``[size, size, 3]``, uint8 ids ``[size, size]`` (0 = background) and the objects.
 
-    Pieces are placed one by one at uniform pixel positions; a position that overlaps an earlier piece is drawn again.
+    Pieces are placed one by one at uniform pixel positions; a position that overlaps an earlier piece is drawn again
+    (and the whole scene, in the rare case that a piece finds no room).
     """
+    while True:
+        scene = _try_scene(rng, size, num_objects)
+        if scene is not None:
+            return scene
+
+
+def _try_scene(rng: np.random.Generator, size: int, num_objects: int):
     image = np.zeros((size, size, 3), dtype=np.uint8)
     ids = np.zeros((size, size), dtype=np.uint8)
     objects: list[dict] = []
-    while len(objects) < num_objects:
+    for _attempt in range(200 * num_objects):
+        if len(objects) == num_objects:
+            return image, ids, objects
         shape = int(rng.integers(len(SHAPES)))
         piece = _PIXEL_MASKS[shape]
         height, width = piece.shape
@@ -79,20 +91,23 @@ def render_tetromino_scene(rng: np.random.Generator, size: int = RESOLUTION,
         image[top : top + height, left : left + width][piece] = COLOUR_RGB[colour]
         centre_x, centre_y = (left + width / 2) / size, (top + height / 2) / size
         objects.append({"shape": shape, "colour": colour, "x": centre_x, "y": centre_y})
-    return image, ids, objects
+    return (image, ids, objects) if len(objects) == num_objects else None
 
 
-def make_tetrominoes(num_images: int, seed: int, split: str,
-                     size: int = RESOLUTION) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def make_tetrominoes(num_images: int, seed: int, split: str, size: int = RESOLUTION, min_objects: int = NUM_OBJECTS,
+                     max_objects: int = NUM_OBJECTS) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """A whole split: images ``[N, size, size, 3]``, ids ``[N, size, size]`` and the object extras
-    ``obj_coords`` float32 ``[N, 3, 3]`` (x, y in [0, 1], 0) and ``obj_props`` int64 ``[N, 3, 2]`` (shape, colour)."""
+    ``obj_coords`` float32 ``[N, M, 3]`` (x, y in [0, 1], 0) and ``obj_props`` int64 ``[N, M, 2]`` (shape, colour;
+    padding rows -1), ``M = max_objects``. Each image holds ``min_objects..max_objects`` pieces (3 as published)."""
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     masks = np.empty((num_images, size, size), dtype=np.uint8)
-    coords = np.zeros((num_images, NUM_OBJECTS, 3), dtype=np.float32)
-    props = np.empty((num_images, NUM_OBJECTS, len(PROPERTY_NAMES)), dtype=np.int64)
+    coords = np.zeros((num_images, max_objects, 3), dtype=np.float32)
+    props = np.full((num_images, max_objects, len(PROPERTY_NAMES)), -1, dtype=np.int64)
     stream = SPLIT_STREAMS[split]
     for i in range(num_images):
-        images[i], masks[i], objects = render_tetromino_scene(np.random.default_rng([seed, stream, i]), size)
+        rng = np.random.default_rng([seed, stream, i])
+        count = int(rng.integers(min_objects, max_objects + 1)) if min_objects < max_objects else max_objects
+        images[i], masks[i], objects = render_tetromino_scene(rng, size, count)
         for m, obj in enumerate(objects):
             coords[i, m, :2] = obj["x"], obj["y"]
             props[i, m] = [obj[name] for name in PROPERTY_NAMES]
@@ -102,8 +117,9 @@ def make_tetrominoes(num_images: int, seed: int, split: str,
 class Tetrominoes(ArrayDataset):
     """The built-in Tetrominoes split (see the module docstring)."""
 
-    def __init__(self, split: str = "train", num_images: int = 10_000, seed: int = 0, resolution: int = RESOLUTION):
-        images, masks, extras = make_tetrominoes(num_images, seed, split, resolution)
+    def __init__(self, split: str = "train", num_images: int = 10_000, seed: int = 0, resolution: int = RESOLUTION,
+                 min_objects: int = NUM_OBJECTS, max_objects: int = NUM_OBJECTS):
+        images, masks, extras = make_tetrominoes(num_images, seed, split, resolution, min_objects, max_objects)
         info = {"name": "tetrominoes", "split": split, "property_names": list(PROPERTY_NAMES),
                 "property_values": {"shape": list(SHAPES), "colour": list(COLOURS)}}
         super().__init__(images, masks, extras=extras, info=info)

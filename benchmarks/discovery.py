@@ -1,0 +1,160 @@
+"""Object discovery on the field's standard benchmarks, on this machine, with the presets users run.
+
+For each preset (``tetrominoes-cpu``, ``multi-dsprites-cpu``, ``clevr6-cpu``, ``sprites-cpu``) and seed, it runs
+exactly what a user types::
+
+    slotlab train --preset P --set train.seed=S --out RUNS/P-sS      # resumed when the folder holds an unfinished run
+    slotlab eval RUNS/P-sS                                            # the full val split, best checkpoint
+
+and writes one table (dataset, budget, steps, images/s, FG-ARI, ARI, mIoU, mBO, MSE per seed, and the mean) as
+Markdown and JSON, and one figure, val FG-ARI against training minutes for every benchmark next to the Slot
+Attention paper's FG-ARI (after 500k steps on a GPU). A run that already finished is only evaluated again, so the
+script can be stopped and started again (resume is exact).
+
+Usage::
+
+    .venv/bin/python benchmarks/discovery.py                                  # every preset, seeds 0 1 2
+    .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --seeds 0
+    .venv/bin/python benchmarks/discovery.py --budget-scale 0.1 --out /tmp/d  # a quick rehearsal (10% budgets)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from slotlab.config import get_preset  # noqa: E402
+from slotlab.train.logging import read_metrics  # noqa: E402
+
+PRESETS = ("tetrominoes-cpu", "multi-dsprites-cpu", "clevr6-cpu", "sprites-cpu")
+# FG-ARI (%) of Slot Attention in Locatello et al. (2020), Table 1: mean over 5 seeds, 500k steps on a GPU.
+PAPER_FG_ARI = {"tetrominoes": 99.5, "multi_dsprites": 91.3, "clevr6": 98.8}
+COLUMNS = ("steps", "train_minutes", "images_per_s", "fg_ari", "ari", "miou", "mbo", "mse")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+
+
+def slotlab(*args: str) -> None:
+    command = [sys.executable, "-m", "slotlab", *args]
+    print("$ slotlab", " ".join(args), flush=True)
+    subprocess.run(command, check=True)
+
+
+def run_one(preset: str, seed: int, runs: Path, overrides: list[str]) -> dict:
+    """Train (or resume, or reuse) and evaluate one run; returns its row."""
+    run_dir = runs / f"{preset}-s{seed}"
+    sets = [f"train.seed={seed}", *overrides]
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        slotlab("train", "--resume", str(run_dir))  # finishes an interrupted run; a finished one stops at once
+    else:
+        args = ["train", "--preset", preset, "--out", str(run_dir)]
+        for item in sets:
+            args += ["--set", item]
+        slotlab(*args)
+    slotlab("eval", str(run_dir))
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val" and "fg_ari" in r]
+    speeds = [r["images_per_s"] for r in train[1:] if "images_per_s" in r]  # the first window holds start-up
+    return {
+        "preset": preset, "seed": seed, "run_dir": str(run_dir),
+        "dataset": get_preset(preset).data.name, "budget_minutes": get_preset(preset).train.time_budget,
+        "steps": train[-1]["step"] if train else 0,
+        "train_minutes": train[-1].get("train_minutes", float("nan")) if train else 0.0,
+        "images_per_s": sum(speeds) / len(speeds) if speeds else float("nan"),
+        **{name: metrics.get(name) for name in ("fg_ari", "ari", "miou", "mbo", "mse")},
+        "num_val_images": metrics.get("num_images"),
+        "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
+    }
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| preset | seed | budget (min) | steps | images/s | FG-ARI | ARI | mIoU | mBO | MSE | paper "
+             "FG-ARI |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        group = [r for r in rows if r["preset"] == preset]
+        paper = PAPER_FG_ARI.get(group[0]["dataset"])
+        for r in group:
+            lines.append(f"| `{preset}` | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
+                         f"{r['images_per_s']:.0f} | {r['fg_ari']:.3f} | {r['ari']:.3f} | {r['miou']:.3f} | "
+                         f"{r['mbo']:.3f} | {r['mse']:.4f} | {'' if paper is None else f'{paper / 100:.3f}'} |")
+        if len(group) > 1:
+            mean = {k: sum(r[k] for r in group) / len(group) for k in ("fg_ari", "ari", "miou", "mbo", "mse")}
+            lines.append(f"| `{preset}` | mean | | | | **{mean['fg_ari']:.3f}** | {mean['ari']:.3f} | "
+                         f"{mean['miou']:.3f} | {mean['mbo']:.3f} | {mean['mse']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig, axes = plt.subplots(1, len(presets), figsize=(4.2 * len(presets), 3.4), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        group = [r for r in rows if r["preset"] == preset]
+        for r in group:
+            if r["curve"]:
+                minutes, scores = zip(*r["curve"])
+                ax.plot(minutes, scores, "o-", ms=3, label=f"seed {r['seed']}")
+        paper = PAPER_FG_ARI.get(group[0]["dataset"])
+        if paper is not None:
+            ax.axhline(paper / 100, ls="--", color="grey", label="paper (500k GPU steps)")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.set_ylabel("val FG-ARI")
+        ax.set_title(preset)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--runs", default="runs/discovery", help="where the run directories go")
+    parser.add_argument("--out", default="docs/discovery", help="where the table and the figure go")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every time budget (rehearsals)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for all")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for preset in args.presets:
+        overrides = list(args.set)
+        if args.budget_scale != 1.0:
+            overrides.append(f"train.time_budget={get_preset(preset).train.time_budget * args.budget_scale:g}")
+        for seed in args.seeds:
+            rows.append(run_one(preset, seed, Path(args.runs), overrides))
+            (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+    header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
+              f"`python benchmarks/discovery.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    (out / "discovery.md").write_text(markdown(rows, header))
+    figure(rows, out / "discovery.png")
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
