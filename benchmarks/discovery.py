@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from slotlab.config import get_preset  # noqa: E402
-from slotlab.train.logging import read_metrics  # noqa: E402
+from slotlab.runs import read_metrics  # noqa: E402
 
 PRESETS = ("tetrominoes-cpu", "multi-dsprites-cpu", "clevr6-cpu", "sprites-cpu")
 # FG-ARI (%) of Slot Attention in Locatello et al. (2020), Table 1: mean over 5 seeds, 500k steps on a GPU.

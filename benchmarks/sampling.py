@@ -25,7 +25,7 @@ import torch
 from slotlab.config import get_preset
 from slotlab.diffusion.slot_diffusion import SlotDiffusion, count_parameters
 from slotlab.diffusion.vae import ImageVAE
-from slotlab.train.loop import pick_device
+from slotlab.runs import pick_device
 
 
 def _sync(device: torch.device) -> None:

@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 from slotlab.cli import main
 from slotlab.config import apply_overrides, get_preset
 from slotlab.errors import UserError
-from slotlab.models import load_plugins
+from slotlab.io import load_checkpoint
+from slotlab.models import load_plugins, noise
 from slotlab.train import distributed
-from slotlab.train.checkpoint import load_checkpoint
 from slotlab.train.distributed import DistInfo
 from slotlab.train.loop import BatchPrefetcher, Trainer, train
 
@@ -146,17 +146,17 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path, capfd):
 
 def test_batch_noise_is_the_same_however_the_batch_is_split():
     torch.manual_seed(7)
-    whole = distributed.batch_randn(6, 3, 5)  # [6, 3, 5]
+    whole = noise.batch_randn(6, 3, 5)  # [6, 3, 5]
     parts = []
     for rank in range(3):
         torch.manual_seed(7)  # every rank holds the same RNG state
-        with distributed.batch_shard(DistInfo(rank, 3)):
-            parts.append(distributed.batch_randn(2, 3, 5))
+        with noise.batch_shard(rank, 3):
+            parts.append(noise.batch_randn(2, 3, 5))
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
-    with distributed.batch_shard(DistInfo(1, 3)):
+    with noise.batch_shard(1, 3):
         pass
     torch.manual_seed(7)
-    torch.testing.assert_close(distributed.batch_randn(6, 3, 5), whole, rtol=0, atol=0)  # the context was left
+    torch.testing.assert_close(noise.batch_randn(6, 3, 5), whole, rtol=0, atol=0)  # the context was left
 
 
 def test_each_rank_takes_its_contiguous_slice_of_the_global_batch():

@@ -14,8 +14,8 @@ from slotlab import evaluate
 from slotlab.cli import main
 from slotlab.config import apply_overrides, config_to_dict, get_preset, save_config
 from slotlab.evaluate import _Extremes, evaluate_run
+from slotlab.io import save_checkpoint
 from slotlab.models import build_model
-from slotlab.train.checkpoint import save_checkpoint
 
 
 def untrained_run(run_dir, overrides=()):

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from cli_helpers import assert_one_error_line, run, strip_progress
+from slotlab import io as checkpoint_module
 from slotlab.config import apply_overrides, get_preset
-from slotlab.train import checkpoint as checkpoint_module
-from slotlab.train.checkpoint import load_checkpoint
+from slotlab.io import load_checkpoint
 from slotlab.train.loop import Trainer, TrainingError, train
 
 SMOKE = ["--preset", "smoke", "--set", "train.log_every=1", "--set", "train.ckpt_every=1", "--set", "train.val_every=2"]

@@ -15,7 +15,7 @@ import torch
 
 from slotlab.config import PROCEDURAL_DATASETS, apply_overrides, get_preset, list_presets
 from slotlab.errors import UserError
-from slotlab.train.checkpoint import load_checkpoint
+from slotlab.io import load_checkpoint
 from slotlab.train.loop import Trainer, TrainingError, resume, train
 from slotlab.train.schedule import lr_at
 

@@ -624,7 +624,7 @@ def _check_relations(config: Config) -> None:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as JSON (atomically)."""
-    from slotlab.train.checkpoint import atomic_write_text
+    from slotlab.io import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(config_to_dict(config), indent=2) + "\n")
 

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from slotlab.data import build_dataset, to_model_batch
 from slotlab.errors import UserError
+from slotlab.io import atomic_write_text, load_weights
 from slotlab.metrics import ObjectDiscoveryMetrics
 from slotlab.models import build_model
-from slotlab.train.checkpoint import atomic_write_text, load_weights
-from slotlab.train.loop import load_run, pick_device
+from slotlab.runs import load_run, pick_device
 
 GALLERY_SIZE = 5  # images in best.png / worst.png
 FIRST_IMAGES = 8  # images in masks.png

@@ -1,4 +1,8 @@
-"""Run directories: who may write one, and when a folder counts as a run.
+"""Run directories: reading one (config, checkpoint, device, metrics), who may write one, when a folder is a run.
+
+Everything a later command needs comes from the run directory alone: :func:`load_run` gives the resolved config and
+a checkpoint, :func:`choose_checkpoint` the ``best`` one when it exists (else ``last``), :func:`read_metrics` the
+logged records. This module sits below every package but ``config``, ``io``, ``registry`` and ``errors``.
 
 * A folder becomes a **run** once its first checkpoint (``checkpoints/last.pt`` or ``best.pt``) exists. Before that
   (a start that failed, or was killed before its first checkpoint), ``slotlab train --out`` may reuse it: the
@@ -10,13 +14,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
+import torch
 from filelock import FileLock, Timeout
 
+from slotlab.config import Config, config_from_dict
 from slotlab.errors import UserError
+from slotlab.io import load_checkpoint
 
 LOCK_NAME = ".lock"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -100,4 +110,72 @@ class RunLock:
             self.lock = None
 
 
-__all__ = ["RunLock", "check_new_run_dir", "check_writable_dir", "clear_start_leftovers", "has_checkpoint"]
+# ---------------------------------------------------------------------------------------------------- reading a run
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; otherwise the named device (checked)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r} but CUDA is not available")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"unknown train.device {name!r} (auto, cpu, cuda, cuda:N, mps)")
+    return torch.device(name)
+
+
+
+def choose_checkpoint(run_dir: Path, checkpoint: str = "best") -> str:
+    """``checkpoint``, except that ``best`` falls back to ``last`` for a run that has not validated yet."""
+    if checkpoint == "best" and not (Path(run_dir) / "checkpoints" / "best.pt").exists():
+        return "last"
+    return checkpoint
+
+
+def checkpoint_path(run_dir: Path, checkpoint: str = "last") -> Path:
+    """``RUN_DIR/checkpoints/<checkpoint>.pt``, checked to exist."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"missing run directory {run_dir}")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.exists():
+        raise UserError(f"run directory {run_dir} has no checkpoint {checkpoint}.pt (not trained yet?)")
+    return path
+
+
+def load_run(run_dir: Path, checkpoint: str = "last") -> tuple[Config, dict[str, Any]]:
+    """The config and the named checkpoint (``last`` or ``best``) of a run directory."""
+    path = checkpoint_path(run_dir, checkpoint)
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"], Config, str(path))
+    return config, state
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``; a torn or damaged line (e.g. from a full disk) is dropped with a
+    warning on stderr."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records, dropped = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            dropped.append(number)
+    if dropped:
+        print(f"warning: {path}: dropped {len(dropped)} damaged line(s) (line {dropped[0]}"
+              f"{' ...' if len(dropped) > 1 else ''})", file=sys.stderr)
+    return records
+
+
+__all__ = ["RunLock", "check_new_run_dir", "check_writable_dir", "checkpoint_path", "choose_checkpoint",
+           "clear_start_leftovers", "has_checkpoint", "load_run", "pick_device", "read_metrics"]

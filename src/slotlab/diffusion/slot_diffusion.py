@@ -46,8 +46,8 @@ class IdentityLatents(nn.Module):
 
 def load_frozen_vae(run_dir: str) -> ImageVAE:
     """The trained :class:`ImageVAE` of a ``task=vae`` run directory (``best`` checkpoint, else ``last``), frozen."""
-    from slotlab.train.checkpoint import load_weights
-    from slotlab.train.loop import load_run
+    from slotlab.io import load_weights
+    from slotlab.runs import load_run
 
     path = Path(run_dir)
     checkpoint = "best" if (path / "checkpoints" / "best.pt").exists() else "last"

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from slotlab.errors import UserError
-from slotlab.train.checkpoint import atomic_write_text
+from slotlab.io import atomic_write_text
 
 MINIBATCH_ABOVE = 500_000  # slots; full-batch K-means is quick below that on a CPU
 GALLERY_IMAGES = 48  # compositions shown in gallery.png (6 rows of 8)

@@ -23,8 +23,8 @@ import torch
 from slotlab.data import build_dataset, to_model_batch
 from slotlab.errors import UserError
 from slotlab.evaluate import load_trained_model
+from slotlab.io import atomic_write_text
 from slotlab.models import AutoencoderOutput, DecoderOutput
-from slotlab.train.checkpoint import atomic_write_text
 
 
 def _check_index(name: str, value: int, size: int, what: str) -> None:
@@ -117,8 +117,8 @@ def _save_figure(path: Path, image: torch.Tensor, before: torch.Tensor, edited: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from slotlab.io import atomic_write_bytes
     from slotlab.report.plots import to_uint8_image
-    from slotlab.train.checkpoint import atomic_write_bytes
 
     num_codes = edited.shape[0] - 1
     mask = mask.float().clamp(0, 1).expand(3, -1, -1)  # [3, H, W] grey levels

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from slotlab.errors import UserError
-from slotlab.train.checkpoint import atomic_write_bytes, atomic_write_text
+from slotlab.io import atomic_write_bytes, atomic_write_text
 
 
 def parse_slot_indices(text: str, num_slots: int) -> list[int]:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from slotlab.errors import UserError
-from slotlab.train.checkpoint import atomic_write_bytes, atomic_write_text
+from slotlab.io import atomic_write_bytes, atomic_write_text
 
 CHUNK_IMAGES = 4096  # images per safetensors file: a stopped build loses at most one chunk of work
 AREA_SOURCE = "attn.mean(-1)"

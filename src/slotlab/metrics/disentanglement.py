@@ -108,7 +108,7 @@ def plot_heatmaps(tables: list[list[np.ndarray]], property_names: list[str], pro
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from slotlab.train.checkpoint import atomic_write_bytes
+    from slotlab.io import atomic_write_bytes
 
     variables = list(range(len(tables))) if variables is None else variables
     widths = [len(property_values[name]) for name in property_names]

@@ -149,7 +149,7 @@ def folder_features(folder: Path, device: str = "cpu", batch_size: int = 32, use
     """
     from cleanfid.fid import get_files_features
 
-    from slotlab.train.checkpoint import atomic_write_bytes
+    from slotlab.io import atomic_write_bytes
 
     folder = Path(folder)
     files = list_images(folder)
@@ -234,7 +234,7 @@ def fid_between_folders(dir_a: Path, dir_b: Path, kid: bool = True, device: str 
         UserError: a folder is missing, has fewer than two images or holds an unreadable image, or the feature
             network is not installed.
     """
-    from slotlab.train.loop import pick_device
+    from slotlab.runs import pick_device
 
     device = str(pick_device(device))
     for folder in (dir_a, dir_b):  # check both folders before spending minutes on the first one's features

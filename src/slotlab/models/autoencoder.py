@@ -68,7 +68,7 @@ class SlotAutoencoder(nn.Module):
         """
         if self.quantiser is None or not self.config.vq.init_run:
             return
-        from slotlab.train.loop import load_run
+        from slotlab.runs import load_run
 
         run = Path(self.config.vq.init_run)
         checkpoint = "best" if (run / "checkpoints" / "best.pt").exists() else "last"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slotlab.models.noise import batch_randn
 from slotlab.registry import Registry
-from slotlab.train.distributed import batch_randn
 
 SLOT_INITS: Registry[nn.Module] = Registry("slot initialisation")
 GROUPINGS: Registry[nn.Module] = Registry("grouping module")

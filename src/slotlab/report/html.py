@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from slotlab.errors import UserError
-from slotlab.train.checkpoint import atomic_write_text
+from slotlab.io import atomic_write_text
 
 # What each number means, shown next to it.
 METRIC_NOTES = {

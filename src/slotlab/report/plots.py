@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
-from slotlab.train.checkpoint import atomic_write_bytes  # noqa: E402
-from slotlab.train.logging import read_metrics  # noqa: E402
+from slotlab.io import atomic_write_bytes  # noqa: E402
+from slotlab.runs import read_metrics  # noqa: E402
 
 
 def palette(num_colours: int = 256) -> np.ndarray:

@@ -133,38 +133,6 @@ def shard_indices(indices: np.ndarray, info: DistInfo) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-sample noise that does not depend on how the batch is split
-
-_BATCH_SHARD: tuple[int, int] = (0, 1)  # (rank, world size) of the training batch being processed
-
-
-@contextmanager
-def batch_shard(info: DistInfo) -> Iterator[None]:
-    """Within this block, :func:`batch_randn` returns this rank's rows of the global batch's noise."""
-    global _BATCH_SHARD
-    previous, _BATCH_SHARD = _BATCH_SHARD, (info.rank, info.world_size)
-    try:
-        yield
-    finally:
-        _BATCH_SHARD = previous
-
-
-def batch_randn(batch_size: int, *shape: int, device: torch.device | None = None,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.randn(batch_size, *shape)`` whose rows are the same however the batch is split across processes.
-
-    In a G-process training step the noise of the whole global batch (``G * batch_size`` rows) is drawn from the
-    RNG state all ranks share and this rank keeps its rows; in a single process this is exactly ``torch.randn``.
-    Models draw per-sample noise with it so that a data-parallel run reproduces the single-process one.
-    """
-    rank, world_size = _BATCH_SHARD
-    if world_size == 1:
-        return torch.randn(batch_size, *shape, device=device, dtype=dtype)
-    noise = torch.randn(batch_size * world_size, *shape, device=device, dtype=dtype)
-    return noise[rank * batch_size : (rank + 1) * batch_size]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -230,6 +198,6 @@ def launch_train(devices: int, preset: str | None, out: str | None, resume: str 
 
 
 __all__ = [
-    "DistInfo", "batch_randn", "batch_shard", "check_batch_size", "current", "env_rank", "env_world_size", "init",
+    "DistInfo", "check_batch_size", "current", "env_rank", "env_world_size", "init",
     "launch_train", "main_first", "rank_device", "reduce_logs", "shard_indices", "shutdown", "torchrun_command",
 ]

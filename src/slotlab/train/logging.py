@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from slotlab.runs import read_metrics
 
 
 class MetricsLog:
@@ -26,7 +27,7 @@ class MetricsLog:
         """Drop records past ``step`` (a resumed run rewrites them exactly), and any torn or damaged line."""
         if not self.path.exists():
             return
-        from slotlab.train.checkpoint import atomic_write_text
+        from slotlab.io import atomic_write_text
 
         keep = [record for record in read_metrics(self.path.parent) if record.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in keep))
@@ -49,27 +50,3 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl``; a torn or damaged line (e.g. from a full disk) is dropped with a
-    warning on stderr."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records, dropped = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        else:
-            dropped.append(number)
-    if dropped:
-        print(f"warning: {path}: dropped {len(dropped)} damaged line(s) (line {dropped[0]}"
-              f"{' ...' if len(dropped) > 1 else ''})", file=sys.stderr)
-    return records

@@ -34,21 +34,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slotlab.config import Config, apply_overrides, config_from_dict, config_to_dict, resume_overrides, save_config
+from slotlab.config import Config, apply_overrides, config_to_dict, resume_overrides, save_config
 from slotlab.data import ArrayDataset, build_dataset, to_model_batch
 from slotlab.errors import UserError
-from slotlab.metrics import ARIMetric
-from slotlab.models import build_model
-from slotlab.runs import RunLock, check_new_run_dir, clear_start_leftovers, has_checkpoint
-from slotlab.train import distributed
-from slotlab.train.checkpoint import (
+from slotlab.io import (
     atomic_write_text,
     first_line,
-    load_checkpoint,
     load_weights,
     non_finite_weights,
     save_checkpoint,
 )
+from slotlab.metrics import ARIMetric
+from slotlab.models import build_model
+from slotlab.models.noise import batch_shard
+from slotlab.runs import (
+    RunLock,
+    check_new_run_dir,
+    checkpoint_path,
+    clear_start_leftovers,
+    has_checkpoint,
+    load_run,
+    pick_device,
+)
+from slotlab.train import distributed
 from slotlab.train.logging import MetricsLog
 from slotlab.train.schedule import lr_at
 
@@ -83,21 +91,6 @@ class FiniteGuard:
         """``(name, step)`` of the first non-finite value, or None."""
         found = [(step, name) for name, step in zip(self.NAMES, self.first_bad.tolist()) if step >= 0]
         return (min(found)[1], min(found)[0]) if found else None
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda, then mps, then cpu; otherwise the named device (checked)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but CUDA is not available")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"unknown train.device {name!r} (auto, cpu, cuda, cuda:N, mps)")
-    return torch.device(name)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -313,7 +306,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with autocast_context(self.device, cfg.precision), distributed.batch_shard(self.dist):
+        with autocast_context(self.device, cfg.precision), batch_shard(self.dist.rank, self.dist.world_size):
             loss, logs = self.loss_fn(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -493,25 +486,6 @@ def train(config: Config, run_dir: Path) -> Trainer:
     finally:
         distributed.shutdown()
     return trainer
-
-
-def checkpoint_path(run_dir: Path, checkpoint: str = "last") -> Path:
-    """``RUN_DIR/checkpoints/<checkpoint>.pt``, checked to exist."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"missing run directory {run_dir}")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not path.exists():
-        raise UserError(f"run directory {run_dir} has no checkpoint {checkpoint}.pt (not trained yet?)")
-    return path
-
-
-def load_run(run_dir: Path, checkpoint: str = "last") -> tuple[Config, dict[str, Any]]:
-    """The config and the named checkpoint (``last`` or ``best``) of a run directory."""
-    path = checkpoint_path(run_dir, checkpoint)
-    state = load_checkpoint(path)
-    config = config_from_dict(state["config"], Config, str(path))
-    return config, state
 
 
 def resume(run_dir: Path, overrides: list[str] | None = None) -> Trainer:

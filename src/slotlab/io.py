@@ -1,12 +1,14 @@
-"""Checkpoints are data, never code: written atomically, read with ``torch.load(weights_only=True)``.
+"""Files: atomic writes, and checkpoints that are data, never code (the bottom layer; imports only ``errors``).
 
-A checkpoint is ``{"model", "optimizer", "step", "config", "best_val", "extra"}`` (nanoGPT's layout plus the
-resolved config), so a run directory alone rebuilds the model.
+Every file slotlab writes goes through a temporary file and a rename, so a crash or a full disk leaves the old file
+or the new one, never half of one. A checkpoint is ``{"model", "optimizer", "step", "config", "best_val", ...}``
+(nanoGPT's layout plus the resolved config), written atomically and read with ``torch.load(weights_only=True)``, so
+a run directory alone rebuilds the model.
 """
 
 from __future__ import annotations
 
-import io
+import io as _io
 import os
 import pickle
 import tempfile
@@ -47,7 +49,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Save a checkpoint dict atomically (temp file + rename)."""
-    buffer = io.BytesIO()
+    buffer = _io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
 
