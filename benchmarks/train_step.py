@@ -310,7 +310,7 @@ def benchmark_config(label: str, args: argparse.Namespace, device: torch.device)
 
         # FLOPs per image of the model, counted on the meta device (shapes only, nothing computed).
         flop_batch = 2
-        from slotlab.models import build_model
+        from slotlab.tasks import build_model
 
         with torch.device("meta"):
             meta_model = build_model(config)

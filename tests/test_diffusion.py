@@ -235,15 +235,16 @@ def test_slotlab_eval_and_mix_of_a_slot_diffusion_run(diffusion_run, capsys):
     assert (run_dir / "mix" / "mix_0_1.png").is_file()
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("diffusion.vae_run=/no/such/run", "diffusion.vae_run"),
-    ("diffusion.unet_channels=16,20", "attention_head_dim"),
-    ("data.resolution=15", "halved"),
-    ("diffusion.sampler=euler", "diffusion.sampler"),
+@pytest.mark.parametrize("overrides, fragment", [
+    (["diffusion.vae_run=/no/such/run"], "diffusion.vae_run"),
+    (["diffusion.unet_channels=16,20"], "attention_head_dim"),
+    (["data.resolution=15", "model.decoder_grid=15"], "halved"),
+    (["diffusion.sampler=euler"], "diffusion.sampler"),
 ])
-def test_bad_diffusion_settings_are_user_errors(override, fragment, tmp_path, capsys):
+def test_bad_diffusion_settings_are_user_errors(overrides, fragment, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--preset", "slotdiffusion-smoke", "--out", str(out), "--set", override])
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    code = main(["train", "--preset", "slotdiffusion-smoke", "--out", str(out), *sets])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and fragment in err
     assert not out.exists()

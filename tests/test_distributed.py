@@ -21,7 +21,8 @@ from slotlab.cli import main
 from slotlab.config import apply_overrides, get_preset
 from slotlab.errors import UserError
 from slotlab.io import load_checkpoint
-from slotlab.models import load_plugins, noise
+from slotlab.models import noise
+from slotlab.tasks import get_task
 from slotlab.train import distributed
 from slotlab.train.distributed import DistInfo
 from slotlab.train.loop import BatchPrefetcher, Trainer, train
@@ -58,7 +59,7 @@ def _start(fn, args: tuple, nprocs: int, timeout: float = 120.0) -> None:
     Forked workers inherit the imported modules (plugins included), so they start in milliseconds instead of
     importing torch, diffusers, ... each.
     """
-    load_plugins()
+    get_task(get_preset("smoke"))  # import the task module before forking
     context = mp.start_processes(fn, args=args, nprocs=nprocs, start_method="fork", join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):  # raises if a worker failed

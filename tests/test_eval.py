@@ -13,9 +13,10 @@ import torch
 from slotlab import evaluate
 from slotlab.cli import main
 from slotlab.config import apply_overrides, config_to_dict, get_preset, save_config
-from slotlab.evaluate import _Extremes, evaluate_run
+from slotlab.evaluate import evaluate_run
 from slotlab.io import save_checkpoint
-from slotlab.models import build_model
+from slotlab.tasks import build_model
+from slotlab.tasks.autoencoder import _Extremes
 
 
 def untrained_run(run_dir, overrides=()):
@@ -81,23 +82,28 @@ def test_extremes_keep_the_best_and_worst_images():
     assert [index for _, index, _ in extremes.worst()] == [4, 2]
 
 
-def test_task_dispatch_merges_set_prediction_results(tmp_path, monkeypatch):
-    """setpred runs get AP from slotlab.metrics.set_prediction (stubbed here) instead of mask metrics."""
+def test_eval_runs_the_task_evaluator_over_the_split(tmp_path, monkeypatch):
+    """``slotlab eval`` names no task: it feeds every batch to the task's evaluator and writes its summary."""
     config = apply_overrides(get_preset("smoke"), ["task=setpred"])
-    model = torch.nn.Linear(1, 1)
-    calls = {}
+    seen = []
 
-    def fake_evaluate_set_prediction(model_, dataset, device, count, batch_size):
-        calls.update(count=count, batch_size=batch_size)
-        return {"ap_inf": 0.75}
+    class FakeEvaluator:
+        def update(self, batch, indices):
+            seen.append(indices.tolist())
 
-    stub = types.ModuleType("slotlab.metrics.set_prediction")
-    stub.evaluate_set_prediction = fake_evaluate_set_prediction
-    monkeypatch.setitem(__import__("sys").modules, "slotlab.metrics.set_prediction", stub)
-    monkeypatch.setattr(evaluate, "load_trained_model", lambda run_dir, checkpoint, device: (config, model))
+        def summary(self):
+            return {"ap_inf": 0.75}
+
+    class FakeTask:
+        def evaluator(self, model, dataset, out_dir):
+            return FakeEvaluator()
+
+    monkeypatch.setattr(evaluate, "load_trained_model",
+                        lambda run_dir, checkpoint, device: (config, torch.nn.Linear(1, 1)))
+    monkeypatch.setattr(evaluate, "get_task", lambda config: FakeTask())
     metrics = evaluate_run(tmp_path, limit=5, batch_size=2)
     assert metrics["ap_inf"] == 0.75 and "ari" not in metrics
-    assert calls == {"count": 5, "batch_size": 2}
+    assert seen == [[0, 1], [2, 3], [4]]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ap_inf"] == 0.75
 
 

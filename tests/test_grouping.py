@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from slotlab.config import ModelConfig, apply_overrides, get_preset
-from slotlab.models import GROUPINGS, build_grouping, build_model, load_plugins
+from slotlab.models import GROUPINGS, build_grouping
 from slotlab.models.slot_mixture import SlotMixture, gaussian_log_likelihood, log_responsibilities
 from slotlab.models.soft_kmeans import SoftKMeans, soft_kmeans_step
+from slotlab.tasks import build_model
 
-load_plugins()
 NAMES = GROUPINGS.names()
 
 

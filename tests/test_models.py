@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from slotlab.config import apply_overrides, get_preset
-from slotlab.models import SlotAttention, SlotAutoencoder, SpatialBroadcastDecoder, build_model, position_grid
+from slotlab.models import SlotAttention, SlotAutoencoder, SpatialBroadcastDecoder, position_grid
+from slotlab.tasks import build_model
 
 
 def test_slot_attention_shapes_and_softmax_over_slots():

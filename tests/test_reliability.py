@@ -210,7 +210,7 @@ def test_a_read_only_folder_is_an_error_line(tmp_path, capsys, monkeypatch):
     ("train.lr=-1", "train.lr=-1.0 is out of range: must be > 0"),
     ("train.lr=nan", "train.lr=nan: must be a finite number"),
     ("data.resolution=7", "data.resolution=7"),
-    ("model.decoder=foo", "model.decoder='foo' is not one of the known values"),
+    ("model.decoder=foo", "unknown config key 'model.decoder'"),
     ("train.steps=-5", "train.steps=-5"),
     ("train.warmup_steps=-5", "train.warmup_steps=-5"),
     ("model.eps=-1", "model.eps=-1.0"),

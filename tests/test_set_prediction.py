@@ -16,7 +16,7 @@ from slotlab.config import apply_overrides, get_preset
 from slotlab.errors import UserError
 from slotlab.metrics import average_precision
 from slotlab.metrics.set_prediction import AP_THRESHOLDS, set_targets
-from slotlab.models import build_model
+from slotlab.tasks import build_model
 
 PAPER_THRESHOLDS = (-1, 1.0, 0.5, 0.25, 0.125)
 

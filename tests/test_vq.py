@@ -16,8 +16,7 @@ from slotlab.config import apply_overrides, get_preset
 from slotlab.data import ArrayDataset, build_dataset, to_model_batch
 from slotlab.errors import UserError
 from slotlab.generate.edit import decode_with_codes, edit_effect
-from slotlab.metrics.disentanglement import evaluate_disentanglement, match_slots_to_objects
-from slotlab.models import build_model
+from slotlab.metrics.disentanglement import match_slots_to_objects
 from slotlab.models.quantiser import (
     SlotQuantiser,
     attention_centroids,
@@ -25,6 +24,8 @@ from slotlab.models.quantiser import (
     gumbel_temperature,
     kl_to_uniform,
 )
+from slotlab.tasks import build_model
+from slotlab.tasks.autoencoder import DisentanglementView
 from slotlab.train.loop import train
 
 
@@ -211,7 +212,7 @@ def vq_run(tmp_path_factory):
 
 
 def test_editing_a_variable_changes_that_slot_most(vq_run):
-    from slotlab.evaluate import load_trained_model
+    from slotlab.tasks import load_trained_model
 
     config, model = load_trained_model(vq_run, "best", "cpu")
     dataset = build_dataset(config.data, "val")
@@ -310,13 +311,21 @@ class CodesFromProperties(torch.nn.Module):
         return SimpleNamespace(masks=masks, codes=codes)
 
 
+def _disentanglement(model, dataset: ArrayDataset, count: int, batch_size: int, out_dir):
+    """The disentanglement view of ``model`` over the first ``count`` images, as ``slotlab eval`` computes it."""
+    view = DisentanglementView(model, dataset.info, out_dir)
+    for indices, batch in dataset.batches(count, batch_size):
+        view.update(batch, indices, model(batch["image"]))
+    return view.summary()
+
+
 def test_disentanglement_finds_the_variable_that_carries_colour(tmp_path):
     config = get_preset("sprites-cpu").data
     from dataclasses import replace
 
     dataset = build_dataset(replace(config, num_val=60, max_objects=4), "val")
     model = CodesFromProperties(dataset, num_slots=5)
-    metrics = evaluate_disentanglement(model, dataset, "cpu", count=60, batch_size=16, out_dir=tmp_path)
+    metrics = _disentanglement(model, dataset, 60, 16, tmp_path)
     objects = int((dataset.extras["obj_props"][..., 0] >= 0).sum())
     assert metrics["disent_objects"] == objects and metrics["disent_matched"] == objects
     assert metrics["nmi_v0_colour"] == pytest.approx(1.0)
@@ -346,5 +355,5 @@ def test_eval_of_a_vq_run_adds_the_disentanglement_view(vq_run, capsys):
 def test_disentanglement_skips_datasets_without_properties(tmp_path):
     dataset = ArrayDataset(np.zeros((2, 16, 16, 3), dtype=np.uint8))
     model = build_model(get_preset("vqsa-smoke")).eval()
-    metrics = evaluate_disentanglement(model, dataset, "cpu", 2, 2, tmp_path)
+    metrics = _disentanglement(model, dataset, 2, 2, tmp_path)
     assert metrics["disentanglement"].startswith("skipped")

@@ -21,6 +21,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0 (0 usually means "all" or "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or positive, got {value}")
+    return value
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The ``--set`` overrides, plus ``data.skip_bad=true`` for ``--skip-bad``."""
     return (args.set or []) + (["data.skip_bad=true"] if getattr(args, "skip_bad", False) else [])
@@ -170,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
-    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--limit", type=_count, default=0, help="score only the first N images (0 = all)")
+    p.add_argument("--batch-size", type=_count, default=0)
     p.add_argument("--device", default="auto")
 
     p = add("report", cmd_report, "write RUN_DIR/report.html and report.md")
@@ -185,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = add("render", cmd_data_render, "render CLEVRTex-like 3D scenes in the CLEVRTex layout", data_sub)
     p.add_argument("--variant", required=True, choices=["clevr", "tex"])
-    p.add_argument("--n", type=int, required=True, help="number of scenes")
+    p.add_argument("--n", type=_count, required=True, help="number of scenes")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
@@ -199,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("library", cmd_library, "encode a split into a slot library")
     p.add_argument("run_dir")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--batch-size", type=_count, default=0)
     p.add_argument("--device", default="auto")
 
     p = add("compose", cmd_compose, "K-means over the slot library, sample one slot per cluster, decode, FID")
     p.add_argument("run_dir")
-    p.add_argument("--n", type=int, default=0, help="number of scenes (0 = number of val images)")
-    p.add_argument("--clusters", type=int, default=0, help="K-means clusters (0 = number of slots)")
+    p.add_argument("--n", type=_count, default=0, help="number of scenes (0 = number of val images)")
+    p.add_argument("--clusters", type=_count, default=0, help="K-means clusters (0 = number of slots)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
@@ -247,7 +258,10 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # bad arguments (exit 2, one line already printed) or --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         args.handler(args)
     except UserError as exc:

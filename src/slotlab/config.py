@@ -81,7 +81,6 @@ class ModelConfig:
     # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the
     # initial slots getting that gradient straight through. Implied by slot_init=bo_qsa (learned + this).
     implicit_grad: bool = False
-    decoder: str = _field("broadcast", choices=("broadcast", "diffusion"))  # diffusion: task=slot_diffusion
     decoder_channels: int = _field(64, lo=1, hi=4096)  # width of the spatial broadcast decoder
     decoder_grid: int = _field(8, lo=1, hi=1024)  # side of the grid each slot is broadcast to
     decoder_kernel: int = _field(5, lo=1, hi=15)  # kernel of the decoder's stride-1 layers (odd)
@@ -370,7 +369,7 @@ def _vae_clevrtex() -> Config:
 @preset("slotdiffusion-smoke")
 def _slotdiffusion_smoke() -> Config:
     """SlotDiffusion at smoke size: diffusion on 16x16 pixels (no VAE), a 2-level UNet (tests)."""
-    return replace(_smoke(), task="slot_diffusion", model=replace(_smoke().model, decoder="diffusion"),
+    return replace(_smoke(), task="slot_diffusion",
                    diffusion=DiffusionConfig(vae_run="", unet_channels=(16, 32), attention_head_dim=8,
                                              sample_steps=2, cond_dropout=0.1))
 
@@ -380,7 +379,7 @@ def _slotdiffusion_clevrtex() -> Config:
     """SlotDiffusion GPU recipe: `clevrtex`'s encoder and K=11 slots, UNet on the latents of runs/vae-clevrtex."""
     base = _clevrtex()
     return replace(
-        base, task="slot_diffusion", model=replace(base.model, decoder="diffusion"),
+        base, task="slot_diffusion",
         vae=_vae_clevrtex().vae,  # documents the stage-1 model; the weights and shape come from diffusion.vae_run
         diffusion=DiffusionConfig(vae_run="runs/vae-clevrtex", unet_channels=(64, 128, 256), layers_per_block=2,
                                   attention_head_dim=32, sampler="ddim", sample_steps=50, ema_decay=0.999),
@@ -506,13 +505,20 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Keys older slotlab versions wrote and no code reads any more: skipped when an old config is read.
+REMOVED_KEYS = {"model": ("decoder",)}
+
+
 def config_from_dict(data: dict[str, Any], cls: type = Config, where: str = "config") -> Any:
     """Rebuild a config from :func:`config_to_dict` output; unknown keys are an error, missing ones get defaults."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping")
     types_ = _field_types(cls)
+    removed = REMOVED_KEYS.get(where.rsplit(".", 1)[-1], ())
     kwargs = {}
     for name, value in data.items():
+        if name in removed:
+            continue
         if name not in types_:
             raise UserError(f"{where}: unknown config key {name!r}")
         type_ = types_[name]
@@ -601,14 +607,10 @@ def _check_relations(config: Config) -> None:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
-    if (model.decoder == "diffusion") != (config.task == "slot_diffusion"):
-        raise UserError(f"model.decoder={model.decoder!r} does not fit task={config.task!r}: the diffusion decoder "
-                        "is the slot_diffusion task's, the broadcast decoder every other task's")
-    if config.task in ("autoencoder",) and model.decoder == "broadcast":
-        upsamplings = math.log2(data.resolution / model.decoder_grid)
-        if upsamplings < 0 or not upsamplings.is_integer():
-            raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} "
-                            "times a power of two (the broadcast decoder doubles the grid until it reaches the image)")
+    upsamplings = math.log2(data.resolution / model.decoder_grid)
+    if upsamplings < 0 or not upsamplings.is_integer():
+        raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "
+                        "power of two (the broadcast decoder doubles the grid until it reaches the image)")
     if train.min_lr > train.lr:
         raise UserError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}")
     if config.diffusion.beta_end <= config.diffusion.beta_start:

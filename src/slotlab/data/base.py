@@ -13,10 +13,12 @@ conversion to float happens on the model's device:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -49,6 +51,19 @@ class ArrayDataset(torch.utils.data.Dataset):
         for name, array in self.extras.items():
             out[name] = torch.from_numpy(np.ascontiguousarray(array[idx]))
         return out
+
+    def batches(self, count: int, batch_size: int, device: torch.device | str = "cpu", desc: str = "",
+                start: int = 0) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """Images ``start .. start + count - 1`` in order, as ``(indices, model batch on device)`` pairs.
+
+        The one batched loop of slotlab: evaluation, validation, slot libraries and compositions all use it. A
+        ``desc`` shows a progress bar.
+        """
+        stop = min(start + count, len(self))
+        steps = range(start, stop, batch_size)
+        for first in tqdm(steps, desc=desc, dynamic_ncols=True, disable=not desc, mininterval=1.0):
+            indices = np.arange(first, min(first + batch_size, stop))
+            yield indices, to_model_batch(self.batch(indices), device)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raw = self.batch(np.array([index]))

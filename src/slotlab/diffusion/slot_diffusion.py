@@ -28,7 +28,7 @@ from slotlab.config import Config
 from slotlab.diffusion.sampling import SAMPLERS, check_steps, sample, sampling_scheduler, train_scheduler
 from slotlab.diffusion.vae import ImageVAE, norm_groups
 from slotlab.errors import UserError
-from slotlab.models import TASKS, AutoencoderOutput, DecoderOutput, GroupingOutput, ImageEncoder, build_grouping
+from slotlab.models import AutoencoderOutput, DecoderOutput, GroupingOutput, ImageEncoder, build_grouping
 
 
 class IdentityLatents(nn.Module):
@@ -44,22 +44,19 @@ class IdentityLatents(nn.Module):
         return latents
 
 
-def load_frozen_vae(run_dir: str) -> ImageVAE:
-    """The trained :class:`ImageVAE` of a ``task=vae`` run directory (``best`` checkpoint, else ``last``), frozen."""
-    from slotlab.io import load_weights
-    from slotlab.runs import load_run
+def read_vae_run(run_dir: str) -> tuple[Config, dict, Path]:
+    """The config, checkpoint (``best``, else ``last``) and checkpoint path of a ``task=vae`` run directory."""
+    from slotlab.runs import choose_checkpoint, load_run
 
     path = Path(run_dir)
-    checkpoint = "best" if (path / "checkpoints" / "best.pt").exists() else "last"
+    checkpoint = choose_checkpoint(path, "best")
     try:
         vae_config, state = load_run(path, checkpoint)
     except UserError as exc:
         raise UserError(f"diffusion.vae_run={run_dir!r}: {exc}") from None
     if vae_config.task != "vae":
         raise UserError(f"diffusion.vae_run={run_dir!r} is a {vae_config.task!r} run, not a vae run")
-    vae = ImageVAE(vae_config)
-    load_weights(vae, state["model"], path / "checkpoints" / f"{checkpoint}.pt")
-    return vae
+    return vae_config, state, path / "checkpoints" / f"{checkpoint}.pt"
 
 
 def build_denoiser(config: Config, latent_size: int, latent_channels: int) -> UNet2DConditionModel:
@@ -103,8 +100,9 @@ class SlotDiffusion(nn.Module):
     Args:
         config: the run's config (``model``: encoder and Slot Attention; ``diffusion``: UNet, noise schedule,
             sampling, EMA).
-        vae: the frozen stage-1 autoencoder; by default loaded from ``config.diffusion.vae_run``
-            (empty: identity latents). Passing one builds the model around an untrained VAE (benchmarks, tests).
+        vae: the frozen stage-1 autoencoder; by default an :class:`ImageVAE` of ``config.vae`` (whose weights come
+            with the run's checkpoint, or from ``diffusion.vae_run`` when a run starts), or identity latents when
+            ``diffusion.vae_run`` is empty (tests). Passing one builds the model around it (benchmarks, tests).
     """
 
     def __init__(self, config: Config, vae: nn.Module | None = None):
@@ -117,7 +115,7 @@ class SlotDiffusion(nn.Module):
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_channels, cfg.input_dim)
         self.grouping = build_grouping(cfg)
         if vae is None:
-            vae = load_frozen_vae(diff.vae_run) if diff.vae_run else IdentityLatents()
+            vae = ImageVAE(config) if diff.vae_run else IdentityLatents()
         self.vae = vae.requires_grad_(False).eval()
         resolution = config.data.resolution
         if resolution % vae.downsample:
@@ -267,10 +265,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@TASKS.register("slot_diffusion")
-def _build_slot_diffusion(config: Config) -> nn.Module:
-    return SlotDiffusion(config)
-
-
 __all__ = ["IdentityLatents", "SlotDiffusion", "attention_masks", "build_denoiser", "count_parameters",
-           "load_frozen_vae"]
+           "read_vae_run"]

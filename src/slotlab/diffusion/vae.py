@@ -21,11 +21,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from slotlab.config import Config, VAEConfig
-from slotlab.data import ArrayDataset, to_model_batch
-from slotlab.models import TASKS
 
 
 def norm_groups(channels: tuple[int, ...], most: int = 32) -> int:
@@ -103,62 +100,54 @@ def psnr_from_mse(mse: torch.Tensor | float) -> torch.Tensor | float:
     return 10.0 * math.log10(4.0 / max(mse, 1e-12))
 
 
-@torch.no_grad()
-def evaluate_vae(model: ImageVAE, dataset: ArrayDataset, device: torch.device, count: int, batch_size: int,
-                 out_dir: Path) -> dict:
-    """Reconstruction quality of a trained VAE on the first ``count`` images of ``dataset``.
+class VAEEvaluator:
+    """Reconstruction quality of a trained :class:`ImageVAE`, batch by batch.
 
-    Args:
-        model: an :class:`ImageVAE` in eval mode.
-        dataset: the split to score.
-        device: where ``model`` lives.
-        count: number of images.
-        batch_size: images per forward pass.
-        out_dir: where ``recon.png`` (images over their reconstructions) is saved.
-
-    Returns:
-        ``{"mse", "psnr", "psnr_per_image", "latent_std", "latent_shape"}``: ``psnr`` from the mean MSE,
-        ``psnr_per_image`` the mean of per-image PSNRs (images and reconstructions clamped to [-1, 1]);
-        ``latent_std`` is the standard deviation of the latents (stage 2 divides by it).
+    ``summary()`` gives ``{"mse", "psnr", "psnr_per_image", "latent_std", "latent_shape"}``: ``psnr`` from the mean
+    MSE, ``psnr_per_image`` the mean of per-image PSNRs (images and reconstructions clamped to [-1, 1]);
+    ``latent_std`` is the standard deviation of the latents (stage 2 divides by it). With ``out_dir`` it also saves
+    ``recon.png`` (the first images over their reconstructions).
     """
-    from slotlab.report.plots import save_png, tile, to_uint8_image, upscale_for_view
 
-    model.eval()
-    squared_error, values, psnrs, latent_sum, latent_sq, latent_n = 0.0, 0, [], 0.0, 0.0, 0
-    first = None
-    latent_shape: list[int] = []
-    for start in tqdm(range(0, count, batch_size), desc="eval vae", dynamic_ncols=True):
-        indices = np.arange(start, min(start + batch_size, count))
-        image = to_model_batch(dataset.batch(indices), device)["image"]  # [B, 3, H, W]
-        latents = model.encode(image).float()  # [B, C, h, w]
-        recon = model.decode(latents).float().clamp(-1.0, 1.0)  # [B, 3, H, W]
+    def __init__(self, model: ImageVAE, out_dir: Path | None = None):
+        self.model, self.out_dir = model, out_dir
+        self.squared_error, self.values, self.psnrs = 0.0, 0, []
+        self.latent_sum, self.latent_sq, self.latent_n = 0.0, 0.0, 0
+        self.latent_shape: list[int] = []
+        self.first = None
+
+    @torch.no_grad()
+    def update(self, batch: dict[str, torch.Tensor], indices=None) -> None:
+        image = batch["image"]  # [B, 3, H, W]
+        latents = self.model.encode(image).float()  # [B, C, h, w]
+        recon = self.model.decode(latents).float().clamp(-1.0, 1.0)  # [B, 3, H, W]
         per_image = ((recon - image) ** 2).flatten(1).mean(dim=1)  # [B]
-        squared_error += float(per_image.sum()) * image[0].numel()
-        values += image.numel()
-        psnrs += psnr_from_mse(per_image).tolist()
-        latent_sum += float(latents.sum())
-        latent_sq += float((latents.double() ** 2).sum())
-        latent_n += latents.numel()
-        latent_shape = list(latents.shape[1:])
-        if first is None:
-            first = (image[:8], recon[:8])
-    mse = squared_error / max(values, 1)
-    mean = latent_sum / max(latent_n, 1)
-    metrics = {"mse": mse, "psnr": psnr_from_mse(mse), "psnr_per_image": float(np.mean(psnrs)) if psnrs else math.nan,
-               "latent_std": math.sqrt(max(latent_sq / max(latent_n, 1) - mean**2, 0.0)),
-               "latent_shape": latent_shape}
-    if first is not None:
-        images, recons = first
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = [list(to_uint8_image(images)), list(to_uint8_image(recons))]  # images over their reconstructions
-        save_png(tile(rows, scale=upscale_for_view(images.shape[-1])), out_dir / "recon.png")
-    return metrics
+        self.squared_error += float(per_image.sum()) * image[0].numel()
+        self.values += image.numel()
+        self.psnrs += psnr_from_mse(per_image).tolist()
+        self.latent_sum += float(latents.sum())
+        self.latent_sq += float((latents.double() ** 2).sum())
+        self.latent_n += latents.numel()
+        self.latent_shape = list(latents.shape[1:])
+        if self.first is None:
+            self.first = (image[:8], recon[:8])
+
+    def summary(self) -> dict:
+        from slotlab.report.plots import save_png, tile, to_uint8_image, upscale_for_view
+
+        mse = self.squared_error / max(self.values, 1)
+        mean = self.latent_sum / max(self.latent_n, 1)
+        metrics = {"mse": mse, "psnr": psnr_from_mse(mse),
+                   "psnr_per_image": float(np.mean(self.psnrs)) if self.psnrs else math.nan,
+                   "latent_std": math.sqrt(max(self.latent_sq / max(self.latent_n, 1) - mean**2, 0.0)),
+                   "latent_shape": self.latent_shape}
+        if self.first is not None and self.out_dir is not None:
+            images, recons = self.first
+            out_dir = Path(self.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            rows = [list(to_uint8_image(images)), list(to_uint8_image(recons))]  # images over their reconstructions
+            save_png(tile(rows, scale=upscale_for_view(images.shape[-1])), out_dir / "recon.png")
+        return metrics
 
 
-@TASKS.register("vae")
-def _build_vae(config: Config) -> nn.Module:
-    return ImageVAE(config)
-
-
-__all__ = ["ImageVAE", "VAEOutput", "build_autoencoder_kl", "evaluate_vae", "norm_groups", "psnr_from_mse"]
+__all__ = ["ImageVAE", "VAEOutput", "build_autoencoder_kl", "VAEEvaluator", "norm_groups", "psnr_from_mse"]

@@ -102,9 +102,9 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
         The metrics written to ``RUN_DIR/compose/metrics.json``.
     """
     from slotlab.data import build_dataset, images_to_uint8, to_model_batch
-    from slotlab.evaluate import load_trained_model
     from slotlab.generate.slot_library import build_library, load_library
     from slotlab.report.plots import save_png, tile, upscale_for_view
+    from slotlab.tasks import load_trained_model
 
     run_dir = Path(run_dir)
     if num_images < 0 or clusters < 0:

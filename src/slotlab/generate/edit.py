@@ -22,9 +22,9 @@ import torch
 
 from slotlab.data import build_dataset, to_model_batch
 from slotlab.errors import UserError
-from slotlab.evaluate import load_trained_model
 from slotlab.io import atomic_write_text
 from slotlab.models import AutoencoderOutput, DecoderOutput
+from slotlab.tasks import load_trained_model
 
 
 def _check_index(name: str, value: int, size: int, what: str) -> None:

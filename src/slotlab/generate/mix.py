@@ -91,8 +91,8 @@ def mix(run_dir: Path, a: int, b: int, take_from_b: str = "", pixels: str = "", 
         The path of the picture written.
     """
     from slotlab.data import build_dataset, to_model_batch
-    from slotlab.evaluate import load_trained_model
     from slotlab.report.plots import tile, to_uint8_image, upscale_for_view
+    from slotlab.tasks import load_trained_model
 
     if bool(take_from_b.strip()) == bool(pixels.strip()):
         raise UserError("mix: give either --take-from-b SLOTS or --pixels Y,X (one of them)")

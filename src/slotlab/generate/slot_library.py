@@ -96,7 +96,7 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
         The library folder, ``RUN_DIR/library/<split>``.
     """
     from slotlab.data import build_dataset, to_model_batch
-    from slotlab.evaluate import load_trained_model
+    from slotlab.tasks import load_trained_model
 
     run_dir = Path(run_dir)
     config, model = load_trained_model(run_dir, checkpoint, device)

@@ -24,8 +24,6 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
-from slotlab.data.base import ArrayDataset, to_model_batch
-from slotlab.errors import UserError
 from slotlab.metrics.ari import contingency, mask_ids
 
 
@@ -72,31 +70,6 @@ def code_property_table(codes: np.ndarray, values: np.ndarray, num_codes: int, n
     return table
 
 
-@torch.no_grad()
-def collect_codes_and_properties(model: torch.nn.Module, dataset: ArrayDataset, device: torch.device | str,
-                                 count: int, batch_size: int, min_iou: float = 0.5) -> dict[str, np.ndarray]:
-    """Run the model over the first ``count`` images and return matched ``codes [n, L]``, ``props [n, P]``, ``iou``.
-
-    Also returns ``objects``: how many true objects the images hold (matched or not).
-    """
-    props = dataset.extras["obj_props"]
-    all_codes, all_props, all_iou, total_objects = [], [], [], 0
-    for start in range(0, count, batch_size):
-        indices = np.arange(start, min(start + batch_size, count))
-        batch = to_model_batch(dataset.batch(indices), device)
-        out = model(batch["image"])
-        if getattr(out, "codes", None) is None:
-            raise UserError("the model has no discrete slot codes (disentanglement needs model.quantiser=vq)")
-        image, slot, row, iou = match_slots_to_objects(out.masks.float(), batch["mask"], min_iou)
-        codes = out.codes.cpu().numpy()  # [B, K, L]
-        all_codes.append(codes[image, slot])  # [n, L]
-        all_props.append(np.asarray(props[indices])[image, row])  # [n, P]
-        all_iou.append(iou)
-        total_objects += int((np.asarray(props[indices])[..., 0] >= 0).sum())
-    return {"codes": np.concatenate(all_codes), "props": np.concatenate(all_props), "iou": np.concatenate(all_iou),
-            "objects": np.array(total_objects)}
-
-
 def plot_heatmaps(tables: list[list[np.ndarray]], property_names: list[str], property_values: dict[str, list[str]],
                   nmi: np.ndarray, path: Path, variables: list[int] | None = None) -> Path:
     """Heat maps of ``p(property = value | code)``: one row of panels per variable, one panel per property.
@@ -140,66 +113,59 @@ def plot_heatmaps(tables: list[list[np.ndarray]], property_names: list[str], pro
     return Path(path)
 
 
-def evaluate_disentanglement(model: torch.nn.Module, dataset: ArrayDataset, device: torch.device | str,
-                             count: int, batch_size: int, out_dir: Path, min_iou: float = 0.5,
-                             seed: int = 0) -> dict[str, Any]:
-    """Match slots to true objects, relate codes to properties; write heat maps to ``out_dir``.
+def disentanglement_scores(codes: np.ndarray, props: np.ndarray, ious: np.ndarray, num_objects: int,
+                           property_names: list[str], property_values: dict[str, list[str]], num_codes: int,
+                           out_dir: Path | None = None, min_iou: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """Relate the codes of matched slots to the properties of their objects; heat maps into ``out_dir``.
 
     Args:
-        model: a VQ-SA model in eval mode whose output has ``masks [B, K, H, W]`` and ``codes [B, K, L]``.
-        dataset: a split with masks, ``extras["obj_props"]`` and ``info["property_names"/"property_values"]``.
-        device: where the model runs.
-        count: use the first ``count`` images.
-        batch_size: images per forward pass.
-        out_dir: gets ``disentanglement_v{l}.png`` per variable and ``disentanglement_all.png``.
-        min_iou: a slot counts as an object's only when their masks overlap at least this much (IoU).
-        seed: seed of the slot initialisation noise.
+        codes: ``[n, L]`` the code of each latent variable of every matched slot.
+        props: ``[n, P]`` the true property values of the object each slot matched (-1 = unknown).
+        ious: ``[n]`` mask IoU of each match (:func:`match_slots_to_objects`).
+        num_objects: how many true objects the scored images hold (matched or not).
+        property_names: the P property names; ``property_values`` their vocabularies.
+        num_codes: M, codes per variable.
+        out_dir: gets ``disentanglement_v{l}.png`` per variable and ``disentanglement_all.png`` (None: no pictures).
+        min_iou: the IoU the matches were made with (for the message when nothing matched).
+        seed: seed of the shuffles that measure the chance level.
 
     Returns:
         Flat metrics: ``nmi_v{l}_{property}`` for every variable and property, ``nmi_v{l}`` (its best property),
         ``nmi_{property}`` (its best variable), ``nmi_chance`` (mean NMI after shuffling the properties: the level
         that means nothing at this sample size), ``codes_used_v{l}``, ``disent_matched`` / ``disent_objects`` and
-        ``disent_match_iou``. Datasets without object properties give ``{"disentanglement": "skipped: ..."}``.
+        ``disent_match_iou``.
     """
-    names = list(dataset.info.get("property_names", []))
-    if "obj_props" not in dataset.extras or dataset.masks is None or not names:
-        return {"disentanglement": "skipped: the dataset has no object masks and properties"}
-    quantiser = getattr(model, "quantiser", None)
-    if quantiser is None:
-        raise UserError("the model has no quantiser (disentanglement needs model.quantiser=vq)")
-    values = {name: list(dataset.info["property_values"][name]) for name in names}
-    torch.manual_seed(seed)
-    data = collect_codes_and_properties(model, dataset, device, count, batch_size, min_iou)
-    codes, props = data["codes"], data["props"]  # [n, L], [n, P]
-    num_vars, num_codes = quantiser.num_variables, quantiser.codebook_size
-    metrics: dict[str, Any] = {"disent_objects": int(data["objects"]), "disent_matched": int(len(codes)),
-                               "disent_match_iou": float(data["iou"].mean()) if len(codes) else None}
+    num_vars = codes.shape[1] if codes.ndim == 2 else 0
+    metrics: dict[str, Any] = {"disent_objects": int(num_objects), "disent_matched": int(len(codes)),
+                               "disent_match_iou": float(ious.mean()) if len(codes) else None}
     if len(codes) == 0:
         metrics["disentanglement"] = f"skipped: no slot matched a true object with IoU >= {min_iou}"
         return metrics
     rng = np.random.default_rng(seed)
-    nmi = np.zeros((num_vars, len(names)))
-    chance = np.zeros((num_vars, len(names)))
+    nmi = np.zeros((num_vars, len(property_names)))
+    chance = np.zeros((num_vars, len(property_names)))
     tables = []
     for var in range(num_vars):
         tables.append([])
-        for p, name in enumerate(names):
+        for p, name in enumerate(property_names):
             keep = props[:, p] >= 0
             nmi[var, p] = normalized_mutual_info_score(props[keep, p], codes[keep, var])
             chance[var, p] = normalized_mutual_info_score(rng.permutation(props[keep, p]), codes[keep, var])
-            tables[var].append(code_property_table(codes[:, var], props[:, p], num_codes, len(values[name])))
+            tables[var].append(code_property_table(codes[:, var], props[:, p], num_codes,
+                                                   len(property_values[name])))
             metrics[f"nmi_v{var}_{name}"] = float(nmi[var, p])
         metrics[f"nmi_v{var}"] = float(nmi[var].max())
         metrics[f"codes_used_v{var}"] = int(len(np.unique(codes[:, var])))
-    for p, name in enumerate(names):
+    for p, name in enumerate(property_names):
         metrics[f"nmi_{name}"] = float(nmi[:, p].max())
     metrics["nmi_chance"] = float(chance.mean())
-    out_dir = Path(out_dir)
-    for var in range(num_vars):
-        plot_heatmaps(tables, names, values, nmi, out_dir / f"disentanglement_v{var}.png", variables=[var])
-    plot_heatmaps(tables, names, values, nmi, out_dir / "disentanglement_all.png")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        for var in range(num_vars):
+            plot_heatmaps(tables, property_names, property_values, nmi, out_dir / f"disentanglement_v{var}.png",
+                          variables=[var])
+        plot_heatmaps(tables, property_names, property_values, nmi, out_dir / "disentanglement_all.png")
     return metrics
 
 
-__all__ = ["code_property_table", "collect_codes_and_properties", "evaluate_disentanglement",
-           "match_slots_to_objects", "plot_heatmaps"]
+__all__ = ["code_property_table", "disentanglement_scores", "match_slots_to_objects", "plot_heatmaps"]

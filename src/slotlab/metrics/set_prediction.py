@@ -15,7 +15,6 @@ Thresholds used in the paper: inf (no distance check, written -1 there), 1, 0.5,
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -107,35 +106,4 @@ def set_targets(obj_coords: torch.Tensor, obj_props: torch.Tensor) -> torch.Tens
     return torch.cat([obj_coords.float(), obj_props.float(), real.float()], dim=-1)  # [B, M, 3 + P + 1]
 
 
-@torch.no_grad()
-def evaluate_set_prediction(model: Any, dataset: Any, device: torch.device, count: int,
-                            batch_size: int) -> dict[str, Any]:
-    """AP at every threshold of :data:`AP_THRESHOLDS` for a set prediction model on the first ``count`` images.
-
-    Args:
-        model: offers ``predict(image) -> [B, K, 3 + P + 1]`` (see :func:`average_precision`).
-        dataset: an :class:`~slotlab.data.base.ArrayDataset` with ``obj_coords`` and ``obj_props`` extras; its
-            ``info["coord_scale"]`` (default 6, the paper's) converts [0, 1] coordinates to scene units.
-        device: where the model runs.
-        count: number of images scored.
-        batch_size: images per forward pass.
-
-    Returns:
-        ``{"ap_inf": ..., "ap_1": ..., "ap_0.5": ..., "ap_0.25": ..., "ap_0.125": ..., "num_objects": ...}``.
-    """
-    from slotlab.data import to_model_batch
-
-    preds, targets = [], []
-    for start in range(0, count, batch_size):
-        indices = np.arange(start, min(start + batch_size, count))
-        batch = to_model_batch(dataset.batch(indices), device)
-        preds.append(model.predict(batch["image"]).float().cpu())
-        targets.append(set_targets(batch["obj_coords"], batch["obj_props"]).cpu())
-    pred, target = torch.cat(preds), torch.cat(targets)
-    scale = float(dataset.info.get("coord_scale", PAPER_COORD_SCALE))
-    metrics: dict[str, Any] = {ap_key(t): average_precision(pred, target, t, scale) for t in AP_THRESHOLDS}
-    metrics["num_objects"] = int(target[..., -1].sum())
-    return metrics
-
-
-__all__ = ["AP_THRESHOLDS", "ap_key", "average_precision", "evaluate_set_prediction", "set_targets"]
+__all__ = ["AP_THRESHOLDS", "PAPER_COORD_SCALE", "ap_key", "average_precision", "set_targets"]

@@ -23,26 +23,8 @@ from torch.nn import functional as F
 
 from slotlab.config import Config
 from slotlab.errors import UserError
-from slotlab.models import TASKS
-from slotlab.models.encoders import ENCODERS, ImageEncoder
+from slotlab.models.encoders import ImageEncoder
 from slotlab.models.slot_attention import build_grouping
-
-
-@ENCODERS.register("strided_cnn")
-class StridedCNN(nn.Sequential):
-    """The Slot Attention paper's set-prediction encoder: 4 conv 5x5 with strides 1, 2, 2, 1 (128x128 -> 32x32).
-
-    Fewer tokens than the stride-1 encoder, which set prediction can afford since it decodes no pixels.
-    """
-
-    def __init__(self, channels: int = 64):
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for stride in (1, 2, 2, 1):
-            layers += [nn.Conv2d(in_channels, channels, 5, stride=stride, padding=2), nn.ReLU(inplace=True)]
-            in_channels = channels
-        super().__init__(*layers)
-        self.out_channels = channels
 
 
 @dataclass
@@ -103,16 +85,6 @@ class SetPredictionModel(nn.Module):
         )
 
     # -------------------------------------------------------------------------------------------------- loss
-    def check_dataset(self, dataset) -> None:
-        """Trainer hook: refuse a dataset whose object metadata holds values outside the known vocabulary.
-
-        Object discovery keeps such values as unknown (-1); set prediction would silently learn from holes.
-        """
-        notes = dataset.info.get("unknown_values", [])
-        if notes:
-            raise UserError(f"set prediction needs every object's properties, but {len(notes)} object value(s) of "
-                            f"dataset {self.config.data.name!r} are outside the known vocabulary, e.g. {notes[0]}")
-
     def _check_targets(self, batch: dict[str, torch.Tensor]) -> None:
         """Once per model: the batch carries the extras and they fit ``setpred.property_sizes``."""
         missing = [name for name in ("obj_coords", "obj_props") if name not in batch]
@@ -201,9 +173,4 @@ class SetPredictionModel(nn.Module):
         return torch.cat([out.coords.float(), *indices, score], dim=-1)
 
 
-@TASKS.register("setpred")
-def _setpred(config: Config) -> nn.Module:
-    return SetPredictionModel(config)
-
-
-__all__ = ["SetPredictionModel", "SetPredictionOutput", "StridedCNN"]
+__all__ = ["SetPredictionModel", "SetPredictionOutput"]

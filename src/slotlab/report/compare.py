@@ -108,12 +108,10 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _describe(config: dict[str, Any]) -> str:
-    """Short label of what a run trained: task, grouping, slot initialisation, decoder / quantiser if not default."""
+    """Short label of what a run trained: task, grouping, slot initialisation, quantiser if not default."""
     model = config.get("model", {})
     parts = [config.get("task", "autoencoder"), model.get("grouping", "slot_attention"),
              model.get("slot_init", "gaussian")]
-    if model.get("decoder", "broadcast") != "broadcast":
-        parts.append(model["decoder"])
     if model.get("quantiser", "none") != "none":
         parts.append(model["quantiser"])
     return " / ".join(parts)

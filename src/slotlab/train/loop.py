@@ -44,8 +44,6 @@ from slotlab.io import (
     non_finite_weights,
     save_checkpoint,
 )
-from slotlab.metrics import ARIMetric
-from slotlab.models import build_model
 from slotlab.models.noise import batch_shard
 from slotlab.runs import (
     RunLock,
@@ -56,6 +54,7 @@ from slotlab.runs import (
     load_run,
     pick_device,
 )
+from slotlab.tasks import get_task
 from slotlab.train import distributed
 from slotlab.train.logging import MetricsLog
 from slotlab.train.schedule import lr_at
@@ -199,6 +198,10 @@ class Trainer:
     """Holds the state of one run; :meth:`fit` trains until ``config.train.steps``."""
 
     def __init__(self, config: Config, run_dir: Path, state: dict[str, Any] | None = None):
+        self.task = get_task(config)
+        if state is None:  # a new run: the task may complete its config (a diffusion run copies its VAE's)
+            config = self.task.prepare_config()
+            self.task = get_task(config)
         self.config = config
         self.run_dir = Path(run_dir)
         cfg = config.train
@@ -218,9 +221,7 @@ class Trainer:
                                      + self.val_set.info.get("skipped_files", [])))
         if skipped and self.dist.is_main:  # data.skip_bad=true: say which files were left out, and why
             atomic_write_text(self.run_dir / "skipped_files.txt", "\n".join(skipped) + "\n")
-        self.model = prepare_model(build_model(config), self.device)
-        if hasattr(self.model, "check_dataset"):  # optional hook: a task refuses data it cannot learn from
-            self.model.check_dataset(self.train_set)
+        self.model = prepare_model(self.task.build_model(), self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.best_val = math.inf
@@ -238,8 +239,8 @@ class Trainer:
             self.best_val = float(state.get("best_val", math.inf))
             self.train_seconds = float(state.get("train_seconds", 0.0))
             self.saved_steps["last"] = self.step
-        elif hasattr(self.model, "init_fresh_run"):  # optional hook, new runs only: e.g. start from a trained run
-            self.model.init_fresh_run()
+        # The task checks the data and, for a new run, may start from trained weights (VQ-SA, the diffusion VAE).
+        self.task.start_training(self.model, self.train_set, fresh=state is None)
         # The training loss: model.compute_loss, wrapped in DDP for torchrun and compiled with train.compile.
         self.loss_fn = build_loss_fn(self.model, cfg, self.device, self.dist)
         # Overlapping the data gather with the step pays on a GPU; on CPU it would only take cores from the step.
@@ -313,35 +314,28 @@ class Trainer:
         if cfg.grad_clip > 0:  # returns the norm as a device tensor: no sync
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        if hasattr(self.model, "after_optimizer_step"):
-            self.model.after_optimizer_step(self.step)
+        self.task.after_optimizer_step(self.model, self.step)
         logs["loss"] = loss.detach()
         logs["lr"] = torch.tensor(lr)
         return logs
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean val loss over ``val_batches`` fixed batches, plus ARI / FG-ARI when the model predicts masks."""
+        """Mean val loss over the first ``val_batches`` batches of the val split, plus the task's validation scores
+        (ARI, FG-ARI, mIoU, mBO, MSE for slot models)."""
         cfg = self.config.train
         self.model.eval()
-        losses, ari_metric = [], ARIMetric()
-        has_masks = self.val_set.masks is not None and hasattr(self.model, "predict_masks")
+        losses, scorer = [], self.task.validator(self.model, self.val_set)
         rng_state = torch.get_rng_state()
         torch.manual_seed(cfg.seed + 12345)  # the same slot noise at every validation
-        for i in range(cfg.val_batches):
-            indices = np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size) % max(1, len(self.val_set))
-            if i * cfg.batch_size >= len(self.val_set):
-                break
-            batch = to_model_batch(self.val_set.batch(indices), self.device)
+        for indices, batch in self.val_set.batches(cfg.val_batches * cfg.batch_size, cfg.batch_size, self.device):
             with autocast_context(self.device, cfg.precision):
                 loss, _ = self.model.compute_loss(batch, self.step)
-                if has_masks:
-                    ari_metric.update(self.model.predict_masks(batch["image"]).float(), batch["mask"])
+                scorer.update(batch, indices)
             losses.append(float(loss))
         torch.set_rng_state(rng_state)
         result = {"loss": float(np.mean(losses)) if losses else math.nan}
-        if has_masks and ari_metric.count:
-            result.update(ari_metric.compute())
+        result.update({name: value for name, value in scorer.summary().items() if isinstance(value, (int, float))})
         return result
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -477,7 +471,7 @@ def train(config: Config, run_dir: Path) -> Trainer:
             # Under torchrun the ranks meet in DDP's set-up inside Trainer(), after every rank checked run_dir.
             trainer = Trainer(config, run_dir)
             if trainer.dist.is_main:
-                save_config(config, run_dir / "config.json")
+                save_config(trainer.config, run_dir / "config.json")
             trainer.fit()
     except BaseException:
         if created and distributed.env_rank() == 0 and not has_checkpoint(run_dir):
