@@ -124,7 +124,7 @@ def test_compose_records_fid_of_compositions_and_reconstructions(trained_run, tm
 
 # ------------------------------------------------------------------------------------------------ mix
 def test_mix_taking_every_slot_of_b_gives_the_reconstruction_of_b(trained_run):
-    path = mix(trained_run, 0, 1, take_from_b="0,1,2", device="cpu")
+    path = mix(trained_run, 0, 1, take_from_b=[0, 1, 2], device="cpu")
     row = cells(path, rows=1, cols=5, size=16)[0]  # A | B | recon A | recon B | mix
     gap_to_b = np.abs(row[4].astype(int) - row[3]).max()
     gap_to_a = np.abs(row[4].astype(int) - row[2]).max()
@@ -134,7 +134,7 @@ def test_mix_taking_every_slot_of_b_gives_the_reconstruction_of_b(trained_run):
 
 
 def test_mix_by_pixel_takes_the_slot_under_it(trained_run):
-    mix(trained_run, 2, 3, pixels="4,4", device="cpu")
+    mix(trained_run, 2, 3, pixels=[(4, 4)], device="cpu")
     record = json.loads((trained_run / "mix" / "mix_2_3.json").read_text())
     assert len(record["slots_taken_from_b"]) == 1 and 0 <= record["slots_taken_from_b"][0] < 3
 
@@ -143,7 +143,7 @@ def test_mix_by_pixel_takes_the_slot_under_it(trained_run):
     (["--a", "0", "--b", "1"], ["--take-from-b", "--pixels"]),
     (["--a", "0", "--b", "1", "--take-from-b", "7"], ["slot 7", "3 slots"]),
     (["--a", "0", "--b", "1", "--take-from-b", "x"], ["'x'"]),
-    (["--a", "0", "--b", "99", "--take-from-b", "1"], ["--b 99", "8 images"]),
+    (["--a", "0", "--b", "99", "--take-from-b", "1"], ["B = 99", "8 images"]),
     (["--a", "0", "--b", "1", "--pixels", "40,2"], ["pixel 40,2", "16x16"]),
 ])
 def test_mix_bad_input_gives_one_error_line(trained_run, capsys, args, fragments):
@@ -158,7 +158,7 @@ def test_compose_and_library_bad_input(tmp_path, trained_run, capsys):
     assert_one_error_line(err, "missing run directory")
     code, _, err = run(capsys, "compose", str(trained_run), "--clusters", "1000", "--device", "cpu")
     assert code == 2
-    assert_one_error_line(err, "--clusters 1000", "48 slots")
+    assert_one_error_line(err, "1000 clusters", "48 slots")
     code, _, err = run(capsys, "library", str(tmp_path / "none"), "--device", "cpu")
     assert code == 2
     assert_one_error_line(err, "missing run directory")

@@ -244,8 +244,8 @@ def test_edit_command_saves_before_after_and_every_code(vq_run, capsys):
 
 
 @pytest.mark.parametrize("option, value, fragment", [
-    ("--slot", "3", "--slot 3"), ("--variable", "2", "--variable 2"), ("--code", "4", "--code 4"),
-    ("--image", "8", "--image 8"), ("--slot", "-1", "--slot -1"),
+    ("--slot", "3", "slot 3"), ("--variable", "2", "variable 2"), ("--code", "4", "code 4"),
+    ("--image", "8", "image 8"), ("--slot", "-1", "slot -1"),
 ])
 def test_edit_rejects_indices_out_of_range(vq_run, capsys, option, value, fragment):
     args = {"--image": "0", "--slot": "0", "--variable": "0", "--code": "0", option: value}

@@ -32,6 +32,26 @@ def _count(text: str) -> int:
     return value
 
 
+def _slot_list(text: str) -> list[int]:
+    """An argparse type: ``"1,3"`` -> ``[1, 3]``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of slot indices") from None
+
+
+def _pixel_list(text: str) -> list[tuple[int, int]]:
+    """An argparse type: ``"10,12;30,4"`` -> ``[(10, 12), (30, 4)]`` as (y, x)."""
+    pixels = []
+    for item in (part for part in text.split(";") if part.strip()):
+        try:
+            y, x = (int(value) for value in item.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"item {item!r} is not of the form y,x") from None
+        pixels.append((y, x))
+    return pixels
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The ``--set`` overrides, plus ``data.skip_bad=true`` for ``--skip-bad``."""
     return (args.set or []) + (["data.skip_bad=true"] if getattr(args, "skip_bad", False) else [])
@@ -120,6 +140,8 @@ def cmd_compose(args: argparse.Namespace) -> None:
 def cmd_mix(args: argparse.Namespace) -> None:
     from slotlab.generate.mix import mix
 
+    if bool(args.take_from_b) == bool(args.pixels):
+        raise UserError("mix: give either --take-from-b SLOTS or --pixels Y,X (one of them)")
     print(mix(Path(args.run_dir), args.a, args.b, take_from_b=args.take_from_b, pixels=args.pixels,
               split=args.split, device=args.device))
 
@@ -224,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--a", type=int, required=True, help="index of image A in the split")
     p.add_argument("--b", type=int, required=True, help="index of image B in the split")
-    p.add_argument("--take-from-b", default="", help="slot indices of B to put into A, e.g. 1,3")
-    p.add_argument("--pixels", default="", help="or: y,x pixels of B whose objects move, e.g. 10,12;30,4")
+    p.add_argument("--take-from-b", type=_slot_list, default=[], help="slot indices of B to put into A, e.g. 1,3")
+    p.add_argument("--pixels", type=_pixel_list, default=[],
+                   help="or: y,x pixels of B whose objects move, e.g. 10,12;30,4")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--device", default="auto")
 

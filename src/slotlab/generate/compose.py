@@ -108,7 +108,7 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
 
     run_dir = Path(run_dir)
     if num_images < 0 or clusters < 0:
-        raise UserError(f"compose: --n and --clusters must be >= 0, got {num_images} and {clusters}")
+        raise UserError(f"compose: the numbers of images and clusters must be >= 0, got {num_images} and {clusters}")
     config, model = load_trained_model(run_dir, "best", device)
     dev = next(model.parameters()).device
     batch_size = batch_size or 4 * config.train.batch_size
@@ -117,7 +117,7 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
     flat_slots = library.slots.reshape(-1, library.slots.shape[-1])  # [N*K, D]
     clusters = clusters or config.model.num_slots
     if clusters > len(flat_slots):
-        raise UserError(f"compose: --clusters {clusters} exceeds the {len(flat_slots)} slots in the library")
+        raise UserError(f"compose: {clusters} clusters exceed the {len(flat_slots)} slots in the library")
     val = build_dataset(config.data, "val")
     num_images = num_images or len(val)
     num_reference = min(num_images, len(val))

@@ -29,7 +29,7 @@ from slotlab.tasks import load_trained_model
 
 def _check_index(name: str, value: int, size: int, what: str) -> None:
     if not 0 <= value < size:
-        raise UserError(f"--{name} {value} is out of range: {what} has {size} (valid: 0..{size - 1})")
+        raise UserError(f"{name} {value} is out of range: {what} has {size} (valid: 0..{size - 1})")
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Slot mixing (``slotlab mix RUN_DIR --a I --b J``): put objects of image B into image A by swapping slots.
 
 Both images are encoded; slot ``k`` of A is replaced by slot ``k`` of B for every chosen ``k`` and the mixed set
-is decoded. Slots are chosen by index (``--take-from-b 1,3``) or by pointing at objects of B (``--pixels 10,12``:
+is decoded. Slots are chosen by index (``take_from_b=[1, 3]``) or by pointing at objects of B (``pixels=[(10, 12)]``:
 the slot whose mask covers that pixel of B most). The same index is replaced so the number of slots stays K; with
 learned slot initialisations slot ``k`` plays a similar role in every image.
 
@@ -22,32 +22,6 @@ from torch.nn import functional as F
 
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_bytes, atomic_write_text
-
-
-def parse_slot_indices(text: str, num_slots: int) -> list[int]:
-    """``"1,3"`` -> ``[1, 3]``, each checked to be a slot index."""
-    try:
-        indices = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"mix: --take-from-b {text!r} is not a comma-separated list of slot indices") from None
-    for index in indices:
-        if not 0 <= index < num_slots:
-            raise UserError(f"mix: slot {index} in --take-from-b is out of range (the model has {num_slots} slots)")
-    return sorted(set(indices))
-
-
-def parse_pixels(text: str, height: int, width: int) -> list[tuple[int, int]]:
-    """``"10,12;30,4"`` -> ``[(10, 12), (30, 4)]`` as (y, x), each checked to lie inside the image."""
-    pixels = []
-    for item in (p for p in text.split(";") if p.strip()):
-        try:
-            y, x = (int(v) for v in item.split(","))
-        except ValueError:
-            raise UserError(f"mix: --pixels item {item!r} is not of the form y,x") from None
-        if not (0 <= y < height and 0 <= x < width):
-            raise UserError(f"mix: pixel {y},{x} is outside the {height}x{width} image")
-        pixels.append((y, x))
-    return pixels
 
 
 def slot_masks(decoded_masks: torch.Tensor | None, attn: torch.Tensor, feature_size: tuple[int, int],
@@ -73,16 +47,16 @@ def _per_slot_images(image: torch.Tensor, masks: torch.Tensor, slot_recons: torc
 
 
 @torch.no_grad()
-def mix(run_dir: Path, a: int, b: int, take_from_b: str = "", pixels: str = "", split: str = "val",
-        device: str = "auto", seed: int = 0) -> str:
+def mix(run_dir: Path, a: int, b: int, take_from_b: list[int] | None = None,
+        pixels: list[tuple[int, int]] | None = None, split: str = "val", device: str = "auto", seed: int = 0) -> str:
     """Swap the chosen slots of image ``b`` into image ``a`` and decode.
 
     Args:
         run_dir: a trained run directory.
         a: index of image A in ``split``.
         b: index of image B in ``split``.
-        take_from_b: slot indices of B, e.g. ``"1,3"``.
-        pixels: or ``"y,x;y,x"`` pixels of B; the slots whose masks cover them are taken.
+        take_from_b: slot indices of B, e.g. ``[1, 3]``.
+        pixels: or ``(y, x)`` pixels of B, e.g. ``[(10, 12)]``; the slots whose masks cover them are taken.
         split: which split the indices refer to.
         device: ``auto``, ``cpu``, ``cuda``...
         seed: seed of the slot initialisation (and of a sampling decoder).
@@ -94,15 +68,15 @@ def mix(run_dir: Path, a: int, b: int, take_from_b: str = "", pixels: str = "", 
     from slotlab.report.plots import tile, to_uint8_image, upscale_for_view
     from slotlab.tasks import load_trained_model
 
-    if bool(take_from_b.strip()) == bool(pixels.strip()):
-        raise UserError("mix: give either --take-from-b SLOTS or --pixels Y,X (one of them)")
+    if bool(take_from_b) == bool(pixels):
+        raise UserError("mix: choose the slots of B either by index or by pixel (one of them)")
     run_dir = Path(run_dir)
     config, model = load_trained_model(run_dir, "best", device)
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
-    for name, index in (("--a", a), ("--b", b)):
+    for name, index in (("A", a), ("B", b)):
         if not 0 <= index < len(dataset):
-            raise UserError(f"mix: {name} {index} is out of range ({split} has {len(dataset)} images)")
+            raise UserError(f"mix: image {name} = {index} is out of range ({split} has {len(dataset)} images)")
 
     torch.manual_seed(seed)
     image = to_model_batch(dataset.batch(np.array([a, b])), dev)["image"]  # [2, 3, H, W]
@@ -111,13 +85,17 @@ def mix(run_dir: Path, a: int, b: int, take_from_b: str = "", pixels: str = "", 
     decoded = model.decode(slots)
     masks = slot_masks(decoded.masks, grouped.attn, feature_size, tuple(image.shape[-2:]))  # [2, K, H, W]
     num_slots = slots.shape[1]
-    if take_from_b.strip():
-        taken = parse_slot_indices(take_from_b, num_slots)
+    height, width = image.shape[-2:]
+    if take_from_b:
+        outside = [k for k in take_from_b if not 0 <= k < num_slots]
+        if outside:
+            raise UserError(f"mix: slot {outside[0]} is out of range (the model has {num_slots} slots)")
+        taken = sorted(set(take_from_b))
     else:
-        points = parse_pixels(pixels, *image.shape[-2:])
-        taken = sorted({int(masks[1, :, y, x].argmax()) for y, x in points})
-    if not taken:
-        raise UserError("mix: no slots chosen")
+        outside = [(y, x) for y, x in pixels if not (0 <= y < height and 0 <= x < width)]
+        if outside:
+            raise UserError(f"mix: pixel {outside[0][0]},{outside[0][1]} is outside the {height}x{width} image")
+        taken = sorted({int(masks[1, :, y, x].argmax()) for y, x in pixels})
 
     mixed_slots = slots[0].clone()  # [K, D]
     mixed_slots[taken] = slots[1, taken]
@@ -140,7 +118,7 @@ def mix(run_dir: Path, a: int, b: int, take_from_b: str = "", pixels: str = "", 
     buffer = io.BytesIO()
     Image.fromarray(tile(rows, scale=upscale_for_view(image.shape[-1]))).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
-    record = {"split": split, "a": a, "b": b, "slots_taken_from_b": taken, "pixels": pixels,
+    record = {"split": split, "a": a, "b": b, "slots_taken_from_b": taken, "pixels": [list(p) for p in pixels or []],
               "rows": ["A | B | recon A | recon B | mix", "slots of A", "slots of B", "slots of the mix"]}
     atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     return str(path)

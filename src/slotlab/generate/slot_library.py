@@ -107,7 +107,7 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
         raise UserError(f"library: split {split!r} of {run_dir} has no images")
     batch_size = batch_size or 4 * config.train.batch_size
     if batch_size < 0:
-        raise UserError(f"library: --batch-size must be positive, got {batch_size}")
+        raise UserError(f"library: batch size must be positive, got {batch_size}")
     folder = library_dir(run_dir, split)
     meta = {
         "split": split, "checkpoint": _resolve_checkpoint(run_dir, checkpoint).name,
