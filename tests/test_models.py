@@ -130,3 +130,29 @@ def test_loss_is_the_mse_of_the_reconstruction():
     torch.manual_seed(1)
     expected = (model(image).recon - image).pow(2).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_folded_step_equals_algorithm_1_in_value_and_gradient():
+    """The reordered k/v form (used by default) gives the slots and gradients of the line-by-line step."""
+    torch.manual_seed(0)
+    sa = SlotAttention(num_slots=4, dim=16, input_dim=12, iters=3)
+    inputs = torch.randn(2, 30, 12)
+    slots = torch.randn(2, 4, 16)
+    results = []
+    for folded in (False, True):
+        sa.zero_grad()
+        normed = sa.norm_inputs(inputs)
+        if folded:
+            new, attn = sa.step_folded(slots, normed)
+        else:
+            k, v = sa.to_kv(normed).chunk(2, dim=-1)
+            new, attn = sa.step(slots, k, v)
+        (new.square().sum() + attn.square().sum()).backward()
+        results.append((new.detach(), attn.detach(), {n: p.grad.clone() for n, p in sa.named_parameters()
+                                                      if p.grad is not None}))
+    (slots_a, attn_a, grads_a), (slots_b, attn_b, grads_b) = results
+    torch.testing.assert_close(slots_b, slots_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn_b, attn_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and "to_kv.weight" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)

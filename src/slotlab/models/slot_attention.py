@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -97,31 +98,40 @@ class SlotAttention(nn.Module):
         self.gru = nn.GRUCell(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
 
-    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_proj: torch.Tensor | None = None,
-             value_proj: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration: attend (softmax over slots), weighted mean, GRU, residual MLP.
+    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration of Algorithm 1, line by line. ``slots [B, K, D]``, keys and values ``[B, N, D]``.
 
-        Args:
-            slots: ``[B, K, D]``.
-            k, v: keys and values ``[B, N, D]``; or, with ``key_proj`` and ``value_proj`` (the ``[D, D_in]`` weights
-                of k and v), the normalised inputs ``[B, N, D_in]`` themselves, projected on the slots' side instead.
-
-        Returns:
-            The new slots ``[B, K, D]`` and the attention ``[B, K, N]`` (softmax over slots).
+        Returns the new slots ``[B, K, D]`` and the attention ``[B, K, N]`` (softmax over slots).
         """
         b, num_slots, d = slots.shape
         slots_prev = slots
+        slots = self.norm_slots(slots)  # [B, K, D]
+        q = self.to_q(slots)  # [B, K, D]
+        attn_logits = self.scale * torch.bmm(q, k.transpose(1, 2))  # [B, K, N]
+        attn = attn_logits.softmax(dim=1)  # [B, K, N], normalised over slots: slots compete for inputs
+        weights = attn + self.eps
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # [B, K, N]: a weighted mean over the inputs
+        updates = torch.bmm(weights, v)  # [B, K, D]
+        slots = self.gru(updates.reshape(-1, d), slots_prev.reshape(-1, d)).reshape(b, num_slots, d)
+        slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
+        return slots, attn
+
+    def step_folded(self, slots: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step` with k and v applied on the slots' side: the same maths, fewer operations.
+
+        ``k(x) . q = x . (q W_k)`` and the weighted mean of ``v(x)`` is ``v`` of the weighted mean of ``x``, both
+        maps being linear, so the ``[B, N, D]`` keys and values are never formed: ``T*K*D*D_in`` work instead of
+        ``N*D_in*2D``. Dividing the ``[B, K, D_in]`` sums rather than normalising the ``[B, K, N]`` weights is the same
+        weighted mean with ``N / D_in`` times fewer divisions. ``inputs [B, N, D_in]`` are the normalised inputs.
+        """
+        b, num_slots, d = slots.shape
+        key_proj, value_proj = self.to_kv.weight.chunk(2, dim=0)  # [D, D_in] each
+        slots_prev = slots
         q = self.to_q(self.norm_slots(slots)) * self.scale  # [B, K, D]; scaling q is cheaper than scaling logits
-        if key_proj is not None:
-            q = q @ key_proj  # [B, K, D_in]: k(x) . q = x . (q W_k), so the keys of the N inputs are never formed
-        logits = torch.bmm(q, k.transpose(1, 2))  # [B, K, N]
-        attn = logits.softmax(dim=1)  # [B, K, N], normalised over slots: slots compete for inputs
+        attn = torch.bmm(q @ key_proj, inputs.transpose(1, 2)).softmax(dim=1)  # [B, K, N]
         weights = attn + self.eps  # [B, K, N]
-        # Weighted mean over inputs: sum(w * v) / sum(w). Dividing the [B, K, D] sums rather than normalising the
-        # [B, K, N] weights first is the same maths with N / D times fewer divisions.
-        updates = torch.bmm(weights, v) / weights.sum(dim=-1, keepdim=True)  # [B, K, D] (or [B, K, D_in])
-        if value_proj is not None:
-            updates = updates @ value_proj.t()  # [B, K, D]: the mean of v(x) is v(mean of x), v being linear
+        mean_inputs = torch.bmm(weights, inputs) / weights.sum(dim=-1, keepdim=True)  # [B, K, D_in]
+        updates = mean_inputs @ value_proj.t()  # [B, K, D]
         slots = self.gru(updates.reshape(-1, d), slots_prev.reshape(-1, d)).reshape(b, num_slots, d)
         slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
         return slots, attn
@@ -132,26 +142,27 @@ class SlotAttention(nn.Module):
         b, _, input_dim = inputs.shape
         inputs = self.norm_inputs(inputs)  # [B, N, D_in]
         init_slots = self.init(b, num_slots) if slots is None else slots  # [B, K, D]
-        # k and v are linear, so they can act on the K slots' side (T*K*D*D_in work) rather than on all N inputs
-        # (N*D_in*2D work and a [B, N, 2D] tensor): the same maths, cheaper unless D_in >> D with many slots.
-        fold = self.iters * init_slots.shape[1] * (input_dim - self.dim) < self.dim * input_dim
-        if fold:
-            k = v = inputs  # [B, N, D_in]
-            key_proj, value_proj = self.to_kv.weight.chunk(2, dim=0)  # [D, D_in] each
+        # The folded step is cheaper unless D_in >> D with many slots and iterations.
+        if self.iters * init_slots.shape[1] * (input_dim - self.dim) < self.dim * input_dim:
+            step = partial(self.step_folded, inputs=inputs)
         else:
             k, v = self.to_kv(inputs).chunk(2, dim=-1)  # [B, N, D] each
-            key_proj = value_proj = None
+            step = partial(self.step, k=k, v=v)
         slots = init_slots
         attn_per_iter = []
         for t in range(self.iters):
             if self.detach_last and t == self.iters - 1:
-                # The slots are (close to) a fixed point here: the gradient skips the earlier iterations and reaches
-                # the initial slots straight through.
-                slots = slots.detach() + init_slots - init_slots.detach()
+                slots = straight_through(slots, init_slots)
             with iteration_grad(t, self.iters, self.detach_last):
-                slots, attn = self.step(slots, k, v, key_proj, value_proj)
+                slots, attn = step(slots)
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
+
+
+def straight_through(state: torch.Tensor, init_state: torch.Tensor) -> torch.Tensor:
+    """BO-QSA's last iteration (first-order implicit differentiation, Chang et al. 2022): the value of ``state``
+    (close to a fixed point), the gradient of ``init_state``, as if the earlier iterations were the identity."""
+    return state.detach() + init_state - init_state.detach()
 
 
 def iteration_grad(t: int, iters: int, detach_last: bool) -> torch.set_grad_enabled:

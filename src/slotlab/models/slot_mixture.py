@@ -24,7 +24,14 @@ import math
 import torch
 from torch import nn
 
-from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options, iteration_grad
+from slotlab.models.slot_attention import (
+    GROUPINGS,
+    SLOT_INITS,
+    GroupingOutput,
+    init_options,
+    iteration_grad,
+    straight_through,
+)
 
 
 def gaussian_log_likelihood(points: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -147,7 +154,7 @@ class SlotMixture(nn.Module):
         for t in range(self.iters):
             if self.detach_last and t == self.iters - 1:
                 # BO-QSA: gradient skips the earlier iterations and reaches the initial state straight through.
-                state = state.detach() + init_state - init_state.detach()
+                state = straight_through(state, init_state)
                 log_pi = log_pi.detach()
             mu, log_sigma = state.split(self.dim, dim=-1)  # [B, K, D] each
             with iteration_grad(t, self.iters, self.detach_last):

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, init_options, iteration_grad
+from slotlab.models.slot_attention import (
+    GROUPINGS,
+    SLOT_INITS,
+    GroupingOutput,
+    init_options,
+    iteration_grad,
+    straight_through,
+)
 
 
 def soft_kmeans_step(points: torch.Tensor, centres: torch.Tensor, temperature: float,
@@ -84,7 +91,7 @@ class SoftKMeans(nn.Module):
         attn_per_iter = []
         for t in range(self.iters):
             if self.detach_last and t == self.iters - 1:
-                centres = centres.detach() + init_centres - init_centres.detach()  # BO-QSA straight-through
+                centres = straight_through(centres, init_centres)
             with iteration_grad(t, self.iters, self.detach_last):
                 centres, weights = soft_kmeans_step(points, centres, self.temperature, self.eps)
             attn_per_iter.append(weights)
