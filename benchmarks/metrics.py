@@ -14,6 +14,7 @@ Usage::
     nice .venv/bin/python benchmarks/metrics.py                       # 10,000 x 128x128, K=11, CPU (issue 4)
     .venv/bin/python benchmarks/metrics.py --device cuda              # the same on a GPU
     .venv/bin/python benchmarks/metrics.py --images 1000 --ref-images 50 --all-scores
+    .venv/bin/python benchmarks/metrics.py --images 500 --soft-masks   # from [B, K, H, W] soft masks (argmax included)
 
 Prints one row per method (device, shapes, seconds for the whole set, images/s, peak memory) and the speed-up.
 """
@@ -31,7 +32,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from slotlab.metrics import ari, fg_ari, object_discovery_scores
-from slotlab.metrics.ari import ari_from_contingency, contingency, fg_ari_from_contingency
+from slotlab.metrics.ari import ari_from_contingency, contingency, fg_ari_from_contingency, mask_ids
 
 
 def make_scenes(batch: int, size: int, num_slots: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +51,13 @@ def make_scenes(batch: int, size: int, num_slots: int, noise: float, seed: int) 
     flip = rng.random(pred.shape) < noise
     pred[flip] = rng.integers(0, num_slots, int(flip.sum()))
     return torch.from_numpy(pred), torch.from_numpy(true)
+
+
+def soft_masks(pred: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Soft masks ``[B, K, H, W]`` (softmax over K) whose argmax is ``pred``, as a model's decoder gives them."""
+    logits = torch.randn(*pred.shape[:1], num_slots, *pred.shape[1:], device=pred.device)  # [B, K, H, W]
+    logits.scatter_(1, pred.unsqueeze(1), 10.0)  # the predicted slot wins every pixel
+    return logits.softmax(dim=1)
 
 
 def sync(device: torch.device) -> None:
@@ -90,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--all-scores", action="store_true", help="also time ARI+FG-ARI+mIoU+mBO together")
+    parser.add_argument("--soft-masks", action="store_true",
+                        help="also time ARI + FG-ARI from soft masks [B, K, H, W] (the argmax over slots included)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -120,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     methods = {"ours": ours_ari_fg_ari}
     if args.all_scores:
         methods["all"] = object_discovery_scores
+    if args.soft_masks:  # what eval has from a model: soft masks; each batch's masks are made once, outside the timing
+        soft = {id(pred): soft_masks(pred, args.slots) for pred, _ in batches}
+        methods["soft"] = lambda pred, true: ours_ari_fg_ari(mask_ids(soft[id(pred)]), true)
     for fn in methods.values():
         fn(*batches[0])  # warm-up (CUDA context, caches)
     times: dict[str, list[float]] = {"ref": [], **{name: [] for name in methods}}
@@ -134,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("slotlab ari + fg_ari", device.type, statistics.median(times["ours"])))
     if args.all_scores:
         rows.append(("slotlab ari + fg_ari + miou + mbo", device.type, statistics.median(times["all"])))
+    if args.soft_masks:
+        rows.append(("slotlab ari + fg_ari from soft masks [B,K,H,W]", device.type, statistics.median(times["soft"])))
 
     shape = f"{args.images}x{args.size}x{args.size}, K={args.slots}"
     load = os.getloadavg()[0]

@@ -9,3 +9,16 @@ Tensor conventions, used everywhere:
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, checkpoint: str = "best", device: str = "auto"):
+    """Load a trained model (a run directory or an exported folder): see :func:`slotlab.api.load`.
+
+    Example:
+        >>> model = slotlab.load("runs/demo")  # doctest: +SKIP
+        >>> model.segment("scene.png").masks.shape  # doctest: +SKIP
+        torch.Size([1, 7, 32, 32])
+    """
+    from slotlab.api import load as load_model
+
+    return load_model(path, checkpoint, device)

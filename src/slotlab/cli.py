@@ -90,6 +90,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from slotlab.api import export_run
+
+    print(export_run(Path(args.run_dir), Path(args.out), args.checkpoint))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from slotlab.report.html import write_report
 
@@ -206,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count, default=0, help="score only the first N images (0 = all)")
     p.add_argument("--batch-size", type=_count, default=0)
     p.add_argument("--device", default="auto")
+
+    p = add("export", cmd_export, "write a shareable model folder: config.json, model.safetensors, README.md")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="new folder (Hugging Face style; slotlab.load and every command "
+                                                "taking a run directory accept it)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="best = lowest validation loss (default: %(default)s)")
 
     p = add("report", cmd_report, "write RUN_DIR/report.html and report.md")
     p.add_argument("run_dir")

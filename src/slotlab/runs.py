@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from slotlab.config import Config, config_from_dict
+from slotlab.config import Config, config_from_dict, config_to_dict
 from slotlab.errors import UserError
 from slotlab.io import load_checkpoint
 
@@ -129,9 +129,19 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def choose_checkpoint(run_dir: Path, checkpoint: str = "best") -> str:
     """``checkpoint``, except that ``best`` falls back to ``last`` for a run that has not validated yet."""
+    if is_exported(run_dir):
+        return "exported"
     if checkpoint == "best" and not (Path(run_dir) / "checkpoints" / "best.pt").exists():
         return "last"
     return checkpoint
+
+
+def weights_file(run_dir: Path, checkpoint: str = "best") -> Path:
+    """The file the weights of ``checkpoint`` come from: ``checkpoints/<name>.pt`` (``best`` falling back to
+    ``last``), or ``model.safetensors`` of an exported folder."""
+    if is_exported(run_dir):
+        return Path(run_dir) / EXPORTED_WEIGHTS
+    return Path(run_dir) / "checkpoints" / f"{choose_checkpoint(run_dir, checkpoint)}.pt"
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str = "last") -> Path:
@@ -145,12 +155,42 @@ def checkpoint_path(run_dir: Path, checkpoint: str = "last") -> Path:
     return path
 
 
+EXPORTED_WEIGHTS = "model.safetensors"  # what `slotlab export` writes next to config.json
+
+
+def is_exported(run_dir: Path) -> bool:
+    """An exported model folder (``config.json`` + ``model.safetensors``) rather than a run directory."""
+    return (Path(run_dir) / EXPORTED_WEIGHTS).is_file() and not has_checkpoint(run_dir)
+
+
 def load_run(run_dir: Path, checkpoint: str = "last") -> tuple[Config, dict[str, Any]]:
-    """The config and the named checkpoint (``last`` or ``best``) of a run directory."""
+    """The config and the named checkpoint (``last`` or ``best``) of a run directory.
+
+    An exported folder (:func:`export_run`) has one set of weights: ``checkpoint`` is ignored there, and the
+    returned state holds ``model`` and ``config`` only.
+    """
+    if is_exported(run_dir):
+        return load_exported(run_dir)
     path = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(path)
     config = config_from_dict(state["config"], Config, str(path))
     return config, state
+
+
+def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
+    """Config and weights of an exported model folder (safetensors: data only, no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from slotlab.config import load_config
+
+    folder = Path(folder)
+    config = load_config(folder / "config.json")
+    try:
+        weights = load_file(folder / EXPORTED_WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"corrupt model weights {folder / EXPORTED_WEIGHTS}: {str(exc)[:200]}") from None
+    return config, {"model": weights, "config": config_to_dict(config), "step": 0}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -178,4 +218,5 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 __all__ = ["RunLock", "check_new_run_dir", "check_writable_dir", "checkpoint_path", "choose_checkpoint",
-           "clear_start_leftovers", "has_checkpoint", "load_run", "pick_device", "read_metrics"]
+           "clear_start_leftovers", "has_checkpoint", "is_exported", "load_exported", "load_run",
+           "pick_device", "read_metrics", "weights_file"]

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_bytes, atomic_write_text
+from slotlab.runs import weights_file
 
 CHUNK_IMAGES = 4096  # images per safetensors file: a stopped build loses at most one chunk of work
 AREA_SOURCE = "attn.mean(-1)"
@@ -41,14 +42,6 @@ class SlotLibrary:
 
 def library_dir(run_dir: Path, split: str) -> Path:
     return Path(run_dir) / "library" / split
-
-
-def _resolve_checkpoint(run_dir: Path, checkpoint: str) -> Path:
-    """The checkpoint file ``load_trained_model`` will read (``best`` falls back to ``last``)."""
-    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
-    if checkpoint == "best" and not path.exists():
-        path = path.with_name("last.pt")
-    return path
 
 
 def _file_digest(path: Path) -> str:
@@ -110,8 +103,8 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
         raise UserError(f"library: batch size must be positive, got {batch_size}")
     folder = library_dir(run_dir, split)
     meta = {
-        "split": split, "checkpoint": _resolve_checkpoint(run_dir, checkpoint).name,
-        "checkpoint_sha256": _file_digest(_resolve_checkpoint(run_dir, checkpoint)),
+        "split": split, "checkpoint": weights_file(run_dir, checkpoint).name,
+        "checkpoint_sha256": _file_digest(weights_file(run_dir, checkpoint)),
         "num_images": num_images, "num_slots": num_slots, "slot_dim": slot_dim, "chunk_images": CHUNK_IMAGES,
         "num_chunks": -(-num_images // CHUNK_IMAGES), "area": AREA_SOURCE,
     }

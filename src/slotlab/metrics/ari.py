@@ -25,9 +25,22 @@ _CPU_CHUNK_PIXELS = 1 << 20
 
 
 def mask_ids(pred: torch.Tensor) -> torch.Tensor:
-    """Predicted masks ``[B, K, H, W]`` -> ids ``[B, H, W]`` by argmax over slots; ids pass through unchanged."""
+    """Predicted masks ``[B, K, H, W]`` -> ids ``[B, H, W]`` by argmax over slots; ids pass through unchanged.
+
+    Ties go to the lowest slot, as with ``argmax``. On a CPU the argmax runs as K passes over contiguous
+    ``[B, H, W]`` slices: ``argmax(dim=1)`` reduces over a strided axis there and costs about 4x more (more than the
+    ARI itself).
+    """
     if pred.dim() == 4:
-        return pred.argmax(dim=1)
+        if pred.device.type != "cpu" or pred.shape[1] > 255:
+            return pred.argmax(dim=1)
+        best = pred[:, 0].clone()  # [B, H, W] the largest mask value so far
+        ids = torch.zeros(best.shape, dtype=torch.uint8)  # [B, H, W] its slot
+        for k in range(1, pred.shape[1]):
+            value = pred[:, k]
+            ids.masked_fill_(value > best, k)
+            torch.maximum(best, value, out=best)
+        return ids
     if pred.dim() == 3:
         return pred.long()
     raise ValueError(f"predicted masks must be [B,K,H,W] or ids [B,H,W], got {tuple(pred.shape)}")

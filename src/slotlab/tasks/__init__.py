@@ -32,7 +32,7 @@ from torch import nn
 from slotlab.config import Config
 from slotlab.errors import UserError
 from slotlab.io import load_weights
-from slotlab.runs import choose_checkpoint, load_run, pick_device
+from slotlab.runs import choose_checkpoint, load_run, pick_device, weights_file
 
 TASK_MODULES = {
     "autoencoder": "slotlab.tasks.autoencoder",
@@ -120,7 +120,7 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best", device: str = "a
     checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, state = load_run(run_dir, checkpoint)
     model = build_model(config)
-    load_weights(model, state["model"], run_dir / "checkpoints" / f"{checkpoint}.pt")
+    load_weights(model, state["model"], weights_file(run_dir, checkpoint))
     model.to(pick_device(device)).eval()
     return config, model
 
