@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from slotlab.config import ModelConfig, apply_overrides, get_preset
+from slotlab.errors import UserError
 from slotlab.models import GROUPINGS, build_grouping
 from slotlab.models.slot_mixture import SlotMixture, gaussian_log_likelihood, log_responsibilities
 from slotlab.models.soft_kmeans import SoftKMeans, soft_kmeans_step
 from slotlab.tasks import build_model
 
 NAMES = GROUPINGS.names()
+FRAMED = ("invariant_slot_attention",)  # slots with frames: inputs on a grid, K fixed by the learned frames
+SET_NAMES = [name for name in NAMES if name not in FRAMED]  # order-free over the inputs
+GRID = (4, 5)  # the inputs below are 20 tokens on a 4 x 5 grid
 
 
 def small_config(grouping: str, slot_init: str = "gaussian") -> ModelConfig:
@@ -24,22 +28,23 @@ def small_config(grouping: str, slot_init: str = "gaussian") -> ModelConfig:
 
 
 def test_all_three_groupings_are_registered():
-    assert {"slot_attention", "slot_mixture", "soft_kmeans"} <= set(NAMES)
+    assert {"slot_attention", "invariant_slot_attention", "slot_mixture", "soft_kmeans"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_output_contract(name):
     torch.manual_seed(0)
     module = build_grouping(small_config(name))
-    out = module(torch.randn(3, 20, 12))
+    out = module(torch.randn(3, 20, 12), feature_size=GRID)
     assert out.slots.shape == (3, 4, 16)
     assert out.attn.shape == (3, 4, 20)
     assert len(out.attn_per_iter) == 3
     torch.testing.assert_close(out.attn.sum(dim=1), torch.ones(3, 20))
-    assert module(torch.randn(2, 20, 12), num_slots=6).slots.shape == (2, 6, 16)  # Gaussian init: any K
+    if name not in FRAMED:
+        assert module(torch.randn(2, 20, 12), num_slots=6).slots.shape == (2, 6, 16)  # Gaussian init: any K
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SET_NAMES)
 def test_permuting_inputs_keeps_slots_and_permutes_attention(name):
     module = build_grouping(small_config(name)).eval()
     inputs = torch.randn(2, 30, 12)
@@ -57,11 +62,13 @@ def test_permuting_initial_slots_permutes_output_slots(name):
     torch.manual_seed(0)
     module = build_grouping(small_config(name, "learned")).eval()
     inputs = torch.randn(2, 25, 12)
-    out = module(inputs)
+    out = module(inputs, feature_size=(5, 5))
     perm = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():
         module.init.slots.copy_(module.init.slots[:, perm])
-    out_perm = module(inputs)
+        if name in FRAMED:  # a slot's initial frame goes with it
+            module.init_position.copy_(module.init_position[:, perm])
+    out_perm = module(inputs, feature_size=(5, 5))
     torch.testing.assert_close(out_perm.slots, out.slots[:, perm], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out_perm.attn, out.attn[:, perm], atol=1e-5, rtol=1e-4)
 
@@ -73,7 +80,7 @@ def test_bo_qsa_gives_learned_queries_a_straight_through_gradient(name):
     bo_qsa = build_grouping(small_config(name, "bo_qsa"))
     bo_qsa.load_state_dict(plain.state_dict())  # same weights: bo_qsa = learned queries + the gradient trick
     inputs = torch.randn(2, 20, 12)
-    out_plain, out_bo = plain(inputs), bo_qsa(inputs)
+    out_plain, out_bo = plain(inputs, feature_size=GRID), bo_qsa(inputs, feature_size=GRID)
     torch.testing.assert_close(out_bo.slots, out_plain.slots)  # the trick changes gradients only
     out_bo.slots.pow(2).sum().backward()
     out_plain.slots.pow(2).sum().backward()
@@ -90,9 +97,9 @@ def test_implicit_grad_keeps_outputs_and_sends_the_last_iteration_gradient_to_mu
     implicit.load_state_dict(plain.state_dict())
     inputs = torch.randn(2, 20, 12)
     torch.manual_seed(1)
-    out_plain = plain(inputs)
+    out_plain = plain(inputs, feature_size=GRID)
     torch.manual_seed(1)  # the same slot noise
-    out_implicit = implicit(inputs)
+    out_implicit = implicit(inputs, feature_size=GRID)
     torch.testing.assert_close(out_implicit.slots, out_plain.slots)  # only the gradient changes
     out_plain.slots.pow(2).sum().backward()
     out_implicit.slots.pow(2).sum().backward()
@@ -232,3 +239,61 @@ def test_autoencoder_trains_one_step_with_each_grouping(name):
     assert torch.isfinite(loss)
     assert model.grouping.init.slots.grad.abs().sum() > 0
     assert dataclasses.is_dataclass(model(batch["image"]))
+
+
+# ------------------------------------------------------------------------------------------------ invariant SA
+def test_invariant_slot_attention_frames_are_the_attention_mean_and_spread():
+    from slotlab.models.invariant_slot_attention import InvariantSlotAttention, frame_of, grid_positions
+
+    grid = grid_positions(4, 6)  # [24, 2]
+    assert grid.shape == (24, 2) and torch.allclose(grid[0], torch.tensor([-5 / 6, -0.75]))
+    weights = torch.zeros(1, 2, 24)
+    weights[0, 0, [0, 1]] = 0.5  # two neighbours on the top row
+    weights[0, 1] = 1 / 24  # everything
+    position, scale = frame_of(weights, grid)
+    torch.testing.assert_close(position[0, 0], (grid[0] + grid[1]) / 2)
+    torch.testing.assert_close(position[0, 1], torch.zeros(2), atol=1e-6, rtol=0)
+    # spread added in quadrature to the smallest scale (0.02): x spans two pixels of width 2 / 6, y one row
+    assert scale[0, 0, 0] == pytest.approx(math.hypot(1 / 6, 0.02)) and scale[0, 0, 1] == pytest.approx(0.02)
+    torch.manual_seed(0)
+    isa = InvariantSlotAttention(num_slots=3, dim=16, iters=2, input_dim=8)
+    out = isa(torch.randn(2, 24, 8), feature_size=(4, 6))
+    assert out.slots.shape == (2, 3, 16) and out.attn.shape == (2, 3, 24)
+    assert out.positions.shape == out.scales.shape == (2, 3, 2) and (out.scales > 0).all()
+    torch.testing.assert_close(out.attn.sum(dim=1), torch.ones(2, 24))
+
+
+def test_framed_decoder_fast_path_equals_the_plain_one():
+    from slotlab.models import SpatialBroadcastDecoder
+
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(8, 12, channels=6, grid=12, kernel=3, full_res_layers=1, frames=True)
+    slots, positions, scales = torch.randn(2, 3, 8), torch.rand(2, 3, 2) * 2 - 1, torch.rand(2, 3, 2) + 0.1
+    fast = decoder.decode(slots, positions, scales)
+    decoder.factorised = False
+    plain = decoder.decode(slots, positions, scales)
+    torch.testing.assert_close(fast.recon, plain.recon, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positions and scales"):
+        decoder.decode(slots)
+
+
+def test_an_autoencoder_with_framed_slots_trains_and_decodes_its_own_slots():
+    config = apply_overrides(get_preset("smoke"), ["model.grouping=invariant_slot_attention"])
+    model = build_model(config)
+    assert isinstance(model.encoder.pos, torch.nn.Identity)  # no absolute position: the frames carry it
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss, _ = model.compute_loss({"image": image})
+    loss.backward()
+    assert model.grouping.init_position.grad is not None and model.decoder.frame_embed.weight.grad is not None
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same Gaussian slot noise for both passes
+        grouped, _ = model.encode(image)
+        assert grouped.slots.shape == (2, 3, 16 + 4) == (2, 3, model.slot_size)
+        torch.manual_seed(0)
+        torch.testing.assert_close(model.decode(grouped.slots).recon, model(image).recon)
+
+
+@pytest.mark.parametrize("preset", ["vqsa-smoke", "setpred-smoke", "slotdiffusion-smoke"])
+def test_framed_slots_are_refused_where_they_are_not_supported_yet(preset):
+    with pytest.raises(UserError, match="not available"):
+        build_model(apply_overrides(get_preset(preset), ["model.grouping=invariant_slot_attention"]))

@@ -75,7 +75,9 @@ class ModelConfig:
     slot_hidden_dim: int = _field(128, lo=1, hi=16384)  # hidden width of the slot MLP
     iters: int = _field(3, lo=1, hi=100)  # T, Slot Attention iterations
     eps: float = _field(1e-8, gt=0.0, hi=1.0)  # added to attention before the weighted mean
-    grouping: str = _field("slot_attention", choices=("slot_attention", "slot_mixture", "soft_kmeans"))
+    # slot_attention | invariant_slot_attention (slots with frames, Biza et al. 2023) | slot_mixture | soft_kmeans
+    grouping: str = _field("slot_attention", choices=("slot_attention", "invariant_slot_attention", "slot_mixture",
+                                                      "soft_kmeans"))
     # gaussian (learnable mu, sigma) | learned (K fixed queries) | bo_qsa (learned + implicit_grad)
     slot_init: str = _field("gaussian", choices=("gaussian", "learned", "bo_qsa"))
     # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the

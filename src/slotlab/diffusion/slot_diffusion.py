@@ -112,8 +112,12 @@ class SlotDiffusion(nn.Module):
             raise UserError(f"unknown diffusion.sampler {diff.sampler!r} (known: {', '.join(SAMPLERS)})")
         self.config = config
         self.num_slots = cfg.num_slots
+        self.slot_size = cfg.slot_dim  # what encode() hands out per slot
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_channels, cfg.input_dim)
         self.grouping = build_grouping(cfg)
+        if getattr(self.grouping, "frames", False):
+            raise UserError(f"model.grouping={cfg.grouping!r} (slots with frames) is not available for slot diffusion "
+                            "yet")
         if vae is None:
             vae = ImageVAE(config) if diff.vae_run else IdentityLatents()
         self.vae = vae.requires_grad_(False).eval()

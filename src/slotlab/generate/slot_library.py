@@ -95,7 +95,7 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
     config, model = load_trained_model(run_dir, checkpoint, device)
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
-    num_images, num_slots, slot_dim = len(dataset), config.model.num_slots, config.model.slot_dim
+    num_images, num_slots, slot_dim = len(dataset), config.model.num_slots, model.slot_size
     if num_images == 0:
         raise UserError(f"library: split {split!r} of {run_dir} has no images")
     batch_size = batch_size or 4 * config.train.batch_size

@@ -9,7 +9,11 @@ Public modules: :class:`SlotAttention`, :class:`SlotAutoencoder`, :class:`Spatia
 
 from __future__ import annotations
 
-from slotlab.models import slot_mixture, soft_kmeans  # noqa: F401 - register grouping modules on import
+from slotlab.models import (  # noqa: F401 - register grouping modules on import
+    invariant_slot_attention,
+    slot_mixture,
+    soft_kmeans,
+)
 from slotlab.models.autoencoder import AutoencoderOutput, SlotAutoencoder
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ENCODERS, ImageEncoder, SoftPositionEmbed, position_grid

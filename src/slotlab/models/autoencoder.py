@@ -51,11 +51,22 @@ class SlotAutoencoder(nn.Module):
         self.config = config
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_channels, cfg.input_dim)
         self.grouping = build_grouping(cfg)
+        # Slots with frames (invariant slot attention): positions come from the frames, not from the encoder, and
+        # the decoder draws each slot in its frame. (Built in this order so that other runs draw the same weights.)
+        self.frames = getattr(self.grouping, "frames", False)
+        if self.frames:
+            self.encoder.pos = nn.Identity()
         self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
-                                               cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers)
+                                               cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
+                                               frames=self.frames)
         self.num_slots = cfg.num_slots
+        # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
+        # decode(), slot libraries, composition and mixing see one tensor.
+        self.slot_size = cfg.slot_dim + (4 if self.frames else 0)
         if cfg.quantiser not in ("none", "vq"):
             raise UserError(f"unknown model.quantiser {cfg.quantiser!r} (none, vq)")
+        if cfg.quantiser == "vq" and self.frames:
+            raise UserError(f"model.quantiser=vq is not available with model.grouping={cfg.grouping!r} yet")
         self.quantiser = build_quantiser(config) if cfg.quantiser == "vq" else None
         if self.quantiser is not None and config.vq.init_run and config.vq.freeze_grouping:  # slots stay as trained
             self.encoder.requires_grad_(False)
@@ -86,7 +97,10 @@ class SlotAutoencoder(nn.Module):
     def group(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
         """``image [B, 3, H, W]`` -> continuous slots ``[B, K, D]`` and attention ``[B, K, N]``, and the grid size."""
         inputs, feature_size = self.encoder(image)  # [B, N, D_inputs]
-        return self.grouping(inputs, num_slots=num_slots), feature_size
+        grouped = self.grouping(inputs, num_slots=num_slots, feature_size=feature_size)
+        if self.frames:  # [B, K, D + 4]: the frame travels with the slot
+            grouped = replace(grouped, slots=torch.cat([grouped.slots, grouped.positions, grouped.scales], dim=-1))
+        return grouped, feature_size
 
     def quantise(self, grouped: GroupingOutput, feature_size: tuple[int, int], step: int = 0) -> QuantiserOutput:
         """VQ-SA: discrete codes for the grouped slots (with their attention centres when ``vq.keep_position``)."""
@@ -104,7 +118,10 @@ class SlotAutoencoder(nn.Module):
         return grouped, feature_size
 
     def decode(self, slots: torch.Tensor) -> DecoderOutput:
-        """``slots [B, K, D]`` -> image, masks and per-slot images."""
+        """``slots [B, K, D]`` (``[B, K, D + 4]`` with frames: vector, position, scale) -> image, masks, slot images."""
+        if self.frames:
+            content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
+            return self.decoder.decode(content, positions, scales)
         return self.decoder.decode(slots)
 
     def forward(self, image: torch.Tensor, num_slots: int | None = None, step: int = 0) -> AutoencoderOutput:

@@ -3,6 +3,9 @@
 Each slot ``[D]`` is tiled on a small grid, given a position embedding, upsampled by transposed convolutions to
 ``H x W`` and read as 4 channels: 1 mask logit + 3 RGB. Masks are a softmax over slots; the image is the
 mask-weighted sum of the slots' RGB.
+
+With slot frames (invariant slot attention: a position ``p_k`` and scale ``s_k`` per slot), the position embedding is
+that of the slot's own coordinates ``(x - p_k) / s_k`` instead of the image's, so each slot is drawn in its frame.
 """
 
 from __future__ import annotations
@@ -40,13 +43,15 @@ class SpatialBroadcastDecoder(nn.Module):
     """
 
     def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8, kernel: int = 5,
-                 full_res_layers: int = 1):
+                 full_res_layers: int = 1, frames: bool = False):
         super().__init__()
         upsamplings = math.log2(resolution / grid)
         if upsamplings < 0 or not upsamplings.is_integer():
             raise ValueError(f"decoder: resolution {resolution} is not grid {grid} times a power of two")
         self.grid = grid
         self.pos = SoftPositionEmbed(slot_dim)
+        # Slot frames: a linear embedding of the slot's own (x, y) coordinates.
+        self.frame_embed = nn.Linear(2, slot_dim) if frames else None
         layers: list[nn.Module] = []
         in_channels = slot_dim
         for _ in range(int(upsamplings)):
@@ -63,18 +68,32 @@ class SpatialBroadcastDecoder(nn.Module):
         # by all slots (the position embedding): computed exactly from per-slot kernel sums (see broadcast_conv).
         self.factorised = upsamplings == 0
 
-    def forward(self, slots: torch.Tensor) -> DecoderOutput:
-        return self.decode(slots)
+    def forward(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
+                scales: torch.Tensor | None = None) -> DecoderOutput:
+        return self.decode(slots, positions, scales)
 
-    def decode(self, slots: torch.Tensor) -> DecoderOutput:
+    def decode(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
+               scales: torch.Tensor | None = None) -> DecoderOutput:
+        """``slots [B, K, D]`` (with ``positions`` and ``scales [B, K, 2]`` for a framed decoder) -> image, masks."""
         b, k, d = slots.shape
+        framed = self.frame_embed is not None
+        if framed and (positions is None or scales is None):
+            raise ValueError("this decoder draws slots in their frames: pass positions and scales")
         # All B*K slots go through the convolutions as one batch.
-        if self.factorised:
+        if self.factorised and framed:
+            hidden = framed_broadcast_conv(self.net[0], slots.reshape(b * k, d), self.frame_embed,
+                                           positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
+            out = self.net[1:](hidden)  # [B*K, 4, H, W]
+        elif self.factorised:
             hidden = broadcast_conv(self.net[0], slots.reshape(b * k, d), self.pos, self.grid)  # [B*K, C, g, g]
             out = self.net[1:](hidden)  # [B*K, 4, H, W]
         else:
             grid = slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
-            out = self.net(self.pos(grid))  # [B*K, 4, H, W]
+            if framed:
+                rel = frame_coordinates(positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
+                out = self.net(grid + self.frame_embed(rel).permute(0, 3, 1, 2))  # [B*K, 4, H, W]
+            else:
+                out = self.net(self.pos(grid))  # [B*K, 4, H, W]
         out = out.reshape(b, k, 4, *out.shape[-2:])  # [B, K, 4, H, W]
         slot_recons, mask_logits = out[:, :, 1:], out[:, :, 0]  # [B, K, 3, H, W], [B, K, H, W]
         masks = mask_logits.softmax(dim=1)  # [B, K, H, W], softmax over slots
@@ -108,3 +127,42 @@ def broadcast_conv(conv: nn.ConvTranspose2d, vectors: torch.Tensor, pos: SoftPos
     position_map = pos(vectors.new_zeros(1, d, side, side))  # [1, D, H, W]: the embedding alone
     shared_part = F.conv2d(position_map, weight, conv.bias, padding=kernel // 2)  # [1, C, H, W]
     return constant_part + shared_part  # [N, C, H, W]
+
+
+def frame_coordinates(positions: torch.Tensor, scales: torch.Tensor, side: int) -> torch.Tensor:
+    """Each slot's own coordinates ``(x - p) / s`` on a ``side x side`` grid of pixel centres in [-1, 1]:
+    ``[N, side, side, 2]`` for ``positions``, ``scales [N, 2]`` (x, y)."""
+    centres = (torch.arange(side, device=positions.device, dtype=positions.dtype) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(centres, centres, indexing="ij")  # [S, S] each
+    grid = torch.stack([x, y], dim=-1)  # [S, S, 2]
+    return (grid[None] - positions[:, None, None]) / scales[:, None, None]  # [N, S, S, 2]
+
+
+def framed_broadcast_conv(conv: nn.ConvTranspose2d, vectors: torch.Tensor, embed: nn.Linear, positions: torch.Tensor,
+                          scales: torch.Tensor, side: int) -> torch.Tensor:
+    """``conv(broadcast(v) + embed(frame coordinates))`` for a stride-1 ``conv``, without building the maps.
+
+    The embedding of a slot's coordinates is affine in the pixel position: ``A ((x - p) / s) + b`` is
+    ``(A_x / s_x) x + (A_y / s_y) y + (b - A (p / s))``. So the convolution is the one of a constant map,
+    ``v + b - A (p / s)`` (kernel taps, as :func:`broadcast_conv`), plus ``1 / s_x`` times the convolution of the map
+    ``A_x x`` and ``1 / s_y`` times that of ``A_y y``: two maps shared by every slot, convolved once. Exact.
+
+    Args:
+        conv: stride-1 ``ConvTranspose2d(D, C, k, padding=k // 2)``.
+        vectors: ``[N, D]`` slots; embed: ``Linear(2, D)``; positions, scales: ``[N, 2]`` (x, y); side: H = W.
+    """
+    n, d = vectors.shape
+    kernel = conv.kernel_size[0]
+    weight = conv.weight.transpose(0, 1).flip(-1, -2)  # [C, D, k, k], the equivalent convolution
+    constants = vectors + embed.bias - (positions / scales) @ embed.weight.t()  # [N, D]
+    taps = torch.einsum("cdt,nd->nct", weight.flatten(2), constants)  # [N, C, k*k]
+    valid = F.unfold(vectors.new_ones(1, 1, side, side), kernel, padding=kernel // 2)[0]  # [k*k, H*W]
+    constant_part = (taps @ valid).view(n, -1, side, side)  # [N, C, H, W]
+    centres = (torch.arange(side, device=vectors.device, dtype=vectors.dtype) + 0.5) / side * 2 - 1  # [S]
+    x_map = embed.weight[:, 0, None, None] * centres[None, None, :]  # [D, 1, S]: A_x x
+    y_map = embed.weight[:, 1, None, None] * centres[None, :, None]  # [D, S, 1]: A_y y
+    axis_maps = torch.stack([x_map.expand(-1, side, -1), y_map.expand(-1, -1, side)])  # [2, D, H, W]
+    axis_part = F.conv2d(axis_maps, weight, padding=kernel // 2)  # [2, C, H, W]
+    inverse = 1.0 / scales  # [N, 2]
+    return (constant_part + inverse[:, 0, None, None, None] * axis_part[0] + inverse[:, 1, None, None, None]
+            * axis_part[1] + conv.bias[None, :, None, None])  # [N, C, H, W]

@@ -104,7 +104,11 @@ class StridedCNN(nn.Sequential):
 
 
 class ImageEncoder(nn.Module):
-    """CNN + soft position embedding + flatten + LayerNorm + MLP: image -> Slot Attention inputs."""
+    """CNN + soft position embedding + flatten + LayerNorm + MLP: image -> Slot Attention inputs.
+
+    Grouping modules that see the inputs from each slot's own frame (invariant slot attention) replace ``pos`` by
+    the identity: no absolute position.
+    """
 
     def __init__(self, name: str, channels: int, input_dim: int):
         super().__init__()

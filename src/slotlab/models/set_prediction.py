@@ -56,6 +56,9 @@ class SetPredictionModel(nn.Module):
                             f"each categorical property, e.g. 5,8,2")
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_channels, cfg.input_dim)
         self.grouping = build_grouping(cfg)
+        if getattr(self.grouping, "frames", False):
+            raise UserError(f"model.grouping={cfg.grouping!r} (slots with frames) is not available for set prediction "
+                            "yet")
         self.quantiser = None
         if cfg.quantiser == "vq":
             from slotlab.models.quantiser import build_quantiser  # VQ-SA, optional: imported only when asked for

@@ -26,6 +26,8 @@ class GroupingOutput:
     slots: torch.Tensor  # [B, K, D]
     attn: torch.Tensor  # [B, K, N], sums to 1 over K; the last iteration's
     attn_per_iter: list[torch.Tensor] | None = None  # T x [B, K, N], for visualisation
+    positions: torch.Tensor | None = None  # [B, K, 2] (x, y) in [-1, 1]: slot frames (invariant slot attention)
+    scales: torch.Tensor | None = None  # [B, K, 2]
 
 
 @SLOT_INITS.register("gaussian")
@@ -136,9 +138,13 @@ class SlotAttention(nn.Module):
         slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
         return slots, attn
 
-    def forward(self, inputs: torch.Tensor, num_slots: int | None = None,
-                slots: torch.Tensor | None = None) -> GroupingOutput:
-        """Group ``inputs [B, N, D_in]`` into slots; ``slots`` overrides the initialisation (e.g. to test it)."""
+    def forward(self, inputs: torch.Tensor, num_slots: int | None = None, slots: torch.Tensor | None = None,
+                feature_size: tuple[int, int] | None = None) -> GroupingOutput:
+        """Group ``inputs [B, N, D_in]`` into slots; ``slots`` overrides the initialisation (e.g. to test it).
+
+        ``feature_size``, the grid of the inputs, is part of every grouping module's interface; Slot Attention does
+        not need it.
+        """
         b, _, input_dim = inputs.shape
         inputs = self.norm_inputs(inputs)  # [B, N, D_in]
         init_slots = self.init(b, num_slots) if slots is None else slots  # [B, K, D]

@@ -140,8 +140,8 @@ class SlotMixture(nn.Module):
             log_pi = torch.logsumexp(log_resp, dim=-1, keepdim=True) - math.log(resp.shape[-1])  # [B, K, 1]
         return mu, log_sigma, log_pi, resp
 
-    def forward(self, inputs: torch.Tensor, num_slots: int | None = None,
-                slots: torch.Tensor | None = None) -> GroupingOutput:
+    def forward(self, inputs: torch.Tensor, num_slots: int | None = None, slots: torch.Tensor | None = None,
+                feature_size: tuple[int, int] | None = None) -> GroupingOutput:
         """Group ``inputs [B, N, D_in]``; ``slots [B, K, 2D]`` overrides the initial ``concat(mu, log_sigma)``."""
         b = inputs.shape[0]
         inputs = self.norm_inputs(inputs)  # [B, N, D_in]

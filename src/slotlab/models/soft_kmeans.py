@@ -81,8 +81,8 @@ class SoftKMeans(nn.Module):
         # Only a change of size, no learned update: identity when the sizes agree.
         self.to_slot = nn.Identity() if input_dim == dim else nn.Linear(input_dim, dim)
 
-    def forward(self, inputs: torch.Tensor, num_slots: int | None = None,
-                slots: torch.Tensor | None = None) -> GroupingOutput:
+    def forward(self, inputs: torch.Tensor, num_slots: int | None = None, slots: torch.Tensor | None = None,
+                feature_size: tuple[int, int] | None = None) -> GroupingOutput:
         """Cluster ``inputs [B, N, D_in]``; ``slots [B, K, D_in]`` overrides the initial centres."""
         # A parameter-free LayerNorm puts the tokens on a fixed scale, so the temperature means the same throughout.
         points = F.layer_norm(inputs, (self.input_dim,))  # [B, N, D_in]
