@@ -14,6 +14,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_outside_home(tmp_path_factory):
+    """Procedural splits drawn by the tests are cached in a temporary folder, not in the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture
 def smoke_config():
     from slotlab.config import get_preset

@@ -74,3 +74,30 @@ def test_presets_and_config_commands(capsys):
     assert code == 0 and "sprites-cpu" in out and "clevrtex" in out
     code, out, _ = run(capsys, "config", "--preset", "smoke", "--set", "model.num_slots=5")
     assert code == 0 and '"num_slots": 5' in out
+
+
+def test_version_and_suggestions(capsys):
+    from slotlab import __version__
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"slotlab {__version__}"
+    code, _, err = run(capsys, "train", "--preset", "sprite-cpu", "--out", "X")
+    assert code == 2
+    assert_one_error_line(err, "unknown preset 'sprite-cpu'", "did you mean 'sprites-cpu'")
+
+
+def test_help_shows_defaults(capsys):
+    code, out, _ = run(capsys, "eval", "--help")
+    assert code == 0 and "(default: best)" in out and "(default: auto)" in out
+
+
+def test_train_says_what_it_does_and_where_the_files_are(tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--preset", "smoke", "--set", "train.steps=3", "--set",
+                         "train.warmup_steps=5", "--out", str(tmp_path / "run"))
+    assert code == 0
+    assert "slotlab train: preset smoke" in out and "16 train / 8 val images" in out
+    assert "done: step 3" in out and f"next: slotlab eval {tmp_path / 'run'}" in out
+    assert "warning: train.warmup_steps=5 is not below train.steps=3" in err  # scaled, and said
+    import json
+
+    assert json.loads((tmp_path / "run/config.json").read_text())["train"]["warmup_steps"] == 0

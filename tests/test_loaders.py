@@ -257,8 +257,24 @@ def test_cache_command(capsys, clevrtex_root):
     assert main(cache_cli(clevrtex_root)) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("train: 16 images 16x16 in ") and lines[1].startswith("val: 2 images")
-    assert main(["data", "cache", "--preset", "smoke"]) == 2
-    assert "generated in memory" in one_error(capsys)
+
+
+
+def test_procedural_splits_are_drawn_once_and_then_read_from_the_cache(capsys, tmp_path, monkeypatch):
+    import slotlab.data.sprites as sprites
+
+    monkeypatch.setenv("SLOTLAB_CACHE_DIR", str(tmp_path))
+    assert main(["data", "cache", "--preset", "smoke"]) == 0
+    assert capsys.readouterr().out.startswith(f"train: 16 images 16x16 in {tmp_path / 'procedural'}")
+    drawn = build_dataset(get_preset("smoke").data, "train")
+    monkeypatch.setattr(sprites, "make_sprites", lambda *a, **k: pytest.fail("drawn again instead of read"))
+    again = build_dataset(get_preset("smoke").data, "train")
+    assert np.array_equal(again.images, drawn.images) and np.array_equal(again.masks, drawn.masks)
+    for name in drawn.extras:
+        assert np.array_equal(again.extras[name], drawn.extras[name])
+    other = apply_overrides(get_preset("smoke"), ["data.seed=3"]).data  # other settings: another file
+    monkeypatch.undo()
+    assert not np.array_equal(build_dataset(other, "train").images, drawn.images)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

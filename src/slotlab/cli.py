@@ -188,11 +188,16 @@ def _add_skip_bad(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="slotlab", description="Object-centric learning with Slot Attention.")
+    from slotlab import __version__
+
+    parser = _Parser(prog="slotlab", description="Object-centric learning with Slot Attention.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"slotlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # every --help shows the defaults
 
     def add(name: str, handler: Callable, help_: str, parent=sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_, description=help_)
+        p = parent.add_parser(name, help=help_, description=help_, **defaults)
         p.set_defaults(handler=handler)
         return p
 
@@ -207,11 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", cmd_eval, "score a run on a split; writes RUN_DIR/eval/")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of the run\'s dataset")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="best = lowest validation loss (falls back to last)")
     p.add_argument("--limit", type=_count, default=0, help="score only the first N images (0 = all)")
-    p.add_argument("--batch-size", type=_count, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_count, default=0, help="images per forward pass (0 = the training batch)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
 
     p = add("export", cmd_export, "write a shareable model folder: config.json, model.safetensors, README.md")
     p.add_argument("run_dir")
@@ -233,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True, choices=["clevr", "tex"])
     p.add_argument("--n", type=_count, required=True, help="number of scenes")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     p.add_argument("--size", default="240x320", help="HxW of the rendered images")
     p.add_argument("--shapes", default="", help="comma-separated shapes (default: sphere,cube,cylinder)")
@@ -244,16 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("library", cmd_library, "encode a split into a slot library")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=_count, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split of the run\'s dataset")
+    p.add_argument("--batch-size", type=_count, default=0, help="images per forward pass (0 = the training batch)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
 
     p = add("compose", cmd_compose, "K-means over the slot library, sample one slot per cluster, decode, FID")
     p.add_argument("run_dir")
     p.add_argument("--n", type=_count, default=0, help="number of scenes (0 = number of val images)")
     p.add_argument("--clusters", type=_count, default=0, help="K-means clusters (0 = number of slots)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
 
     p = add("mix", cmd_mix, "swap slots between two images and decode")
     p.add_argument("run_dir")
@@ -262,14 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--take-from-b", type=_slot_list, default=[], help="slot indices of B to put into A, e.g. 1,3")
     p.add_argument("--pixels", type=_pixel_list, default=[],
                    help="or: y,x pixels of B whose objects move, e.g. 10,12;30,4")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of the run\'s dataset")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
 
     p = add("fid", cmd_fid, "clean-fid (and KID) between two image folders; last line: FID <value>")
     p.add_argument("dir_a")
     p.add_argument("dir_b")
     p.add_argument("--no-kid", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
 
     p = add("compare", cmd_compare, "a table of metrics across runs")
     p.add_argument("run_dirs", nargs="+")
@@ -281,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slot", type=int, required=True)
     p.add_argument("--variable", type=int, required=True)
     p.add_argument("--code", type=int, required=True)
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of the run\'s dataset")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
     return parser
 
 

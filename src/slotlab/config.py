@@ -60,7 +60,6 @@ class DataConfig:
     skip_bad: bool = False  # on-disk data: skip (and list) bad files instead of stopping
     crop: float = _field(0.8, gt=0.0, hi=1.0)  # on-disk data: centre crop side as a fraction of min(H, W)
     mask_background: str = ""  # folder colour masks: background "R,G,B" (empty = most frequent border colour)
-    num_workers: int = _field(0, lo=0, hi=256)  # DataLoader worker processes
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,6 @@ class Config:
 RESUME_SAFE_KEYS = (
     "train.steps", "train.time_budget", "train.log_every", "train.val_every", "train.val_batches",
     "train.ckpt_every", "train.device", "train.threads", "data.root", "data.cache", "data.skip_bad",
-    "data.num_workers",
 )
 
 
@@ -221,7 +219,7 @@ def list_presets() -> list[str]:
 def get_preset(name: str) -> Config:
     """Return the named preset; raises :class:`UserError` for an unknown name."""
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r} (known: {', '.join(list_presets())})")
+        raise UserError(f"unknown preset {name!r}{_closest(name, list_presets())} (known: {', '.join(list_presets())})")
     return check_config(replace(PRESETS[name](), preset=name))
 
 
@@ -508,7 +506,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 # Keys older slotlab versions wrote and no code reads any more: skipped when an old config is read.
-REMOVED_KEYS = {"model": ("decoder",)}
+REMOVED_KEYS = {"model": ("decoder",), "data": ("num_workers",)}
 
 
 def config_from_dict(data: dict[str, Any], cls: type = Config, where: str = "config") -> Any:

@@ -26,7 +26,8 @@ SPLITS = ("train", "val", "test")
 @DATASETS.register("sprites")
 def _sprites(cfg: DataConfig, split: str) -> ArrayDataset:
     num_images = cfg.num_train if split == "train" else cfg.num_val
-    return Sprites(split, num_images, cfg.resolution, cfg.min_objects, cfg.max_objects, cfg.seed, cfg.background)
+    return Sprites(split, num_images, cfg.resolution, cfg.min_objects, cfg.max_objects, cfg.seed, cfg.background,
+                   cfg.cache)
 
 
 def _split_size(cfg: DataConfig, split: str) -> int:
@@ -46,7 +47,8 @@ def _tetrominoes(cfg: DataConfig, split: str) -> ArrayDataset:
         raise UserError(f"data.resolution={cfg.resolution}: tetrominoes need at least {tetrominoes.MIN_RESOLUTION} "
                         "pixels (a piece is up to 20 pixels long); the published size is 35")
     _check_object_range(cfg, 1, tetrominoes.MAX_PIECES)
-    return Tetrominoes(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects)
+    return Tetrominoes(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects,
+                       cfg.cache)
 
 
 @DATASETS.register("multi_dsprites")
@@ -55,7 +57,8 @@ def _multi_dsprites(cfg: DataConfig, split: str) -> ArrayDataset:
     if cfg.resolution < 16:
         raise UserError(f"data.resolution={cfg.resolution}: multi_dsprites needs at least 16 pixels (published: 64)")
     _check_object_range(cfg, 1, 10)
-    return MultiDSprites(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects)
+    return MultiDSprites(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects,
+                         cfg.cache)
 
 
 @DATASETS.register("clevr6")
@@ -64,7 +67,8 @@ def _clevr6(cfg: DataConfig, split: str) -> ArrayDataset:
     if cfg.resolution < 16:
         raise UserError(f"data.resolution={cfg.resolution}: clevr6 needs at least 16 pixels (CPU: 64, GPU: 128)")
     _check_object_range(cfg, 1, 10)
-    return Clevr6(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects)
+    return Clevr6(split, _split_size(cfg, split), cfg.seed, cfg.resolution, cfg.min_objects, cfg.max_objects,
+                  cache=cfg.cache)
 
 
 @DATASETS.register("clevrtex")

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from slotlab.errors import UserError
 
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
-CACHEABLE = ("clevrtex", "folder")
 PARALLEL_MIN_ITEMS = 64  # below this, decoding in this process is faster than starting workers
 SKIP_HINT = "pass --skip-bad (or --set data.skip_bad=true) to skip and list bad files"
 
@@ -272,14 +271,50 @@ def cache_dataset(data_cfg, splits: Sequence[str]) -> str:
     """``slotlab data cache``: build (or check) the memory-mapped cache of each split; returns one line per split."""
     from slotlab.data import build_dataset
 
-    if data_cfg.name not in CACHEABLE:
-        raise UserError(f"data.name={data_cfg.name!r} is generated in memory; only on-disk datasets "
-                        f"({', '.join(CACHEABLE)}) are cached")
     lines = []
     for split in splits:
         dataset = build_dataset(replace(data_cfg, cache=True), split)
         skipped = dataset.info.get("skipped_files", [])
         height, width = dataset.resolution
-        lines.append(f"{split}: {len(dataset)} images {height}x{width} in {dataset.info.get('cache_dir')}"
+        where = dataset.info.get("cache_dir") or procedural_cache_dir()
+        lines.append(f"{split}: {len(dataset)} images {height}x{width} in {where}"
                      + (f" ({len(skipped)} bad files skipped)" if skipped else ""))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- procedural data
+def procedural_cache_dir() -> Path:
+    """Where splits drawn by slotlab's generators are kept: ``$SLOTLAB_CACHE_DIR``, else the user's cache folder
+    (``$XDG_CACHE_HOME/slotlab``, by default ``~/.cache/slotlab``)."""
+    root = os.environ.get("SLOTLAB_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slotlab"
+    return Path(root) / "procedural"
+
+
+def cached_generation(kind: str, settings: dict[str, Any], make: Callable[[], tuple], cache: bool = True) -> tuple:
+    """``make()`` (a generator's ``(images, masks, extras)``), drawn once and then read from a ``.npz`` file.
+
+    The file name holds a hash of ``kind`` and ``settings`` (which must include the generator's version), so other
+    settings get their own file. The file is written to a temporary name and renamed: a reader sees a whole file or
+    none, and a damaged one is simply drawn again (it is derived data).
+    """
+    if not cache:
+        return make()
+    digest = hashlib.sha1(json.dumps({"kind": kind, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+    path = procedural_cache_dir() / f"{kind}-{settings.get('split', 'all')}-{digest}.npz"
+    try:
+        with np.load(path) as stored:
+            extras = {name[len("extra_"):]: stored[name] for name in stored.files if name.startswith("extra_")}
+            return stored["images"], stored["masks"], extras
+    except (OSError, ValueError, KeyError, EOFError):
+        pass
+    images, masks, extras = make()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, images=images, masks=masks, **{f"extra_{name}": value for name, value in extras.items()})
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache folder: the data were drawn anyway; next time they are drawn again
+        tmp.unlink(missing_ok=True)
+    return images, masks, extras

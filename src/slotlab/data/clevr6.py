@@ -5,8 +5,8 @@ and metal spheres, cubes and cylinders in three sizes) draws each scene at 1.5x 
 frame, then takes the CLEVRTex loader's centre crop (0.8 of the height) and resizes it to ``resolution`` (bilinear for
 images, nearest for masks), as :mod:`slotlab.data.clevrtex` does for rendered folders. Scene ``i`` of a split depends
 only on ``(seed, split, i)``. Rendering costs a few milliseconds per 64x64 scene, so a split is rendered once, in
-worker processes, and kept as a ``.npz`` file in the cache folder (``$SLOTLAB_CACHE_DIR``, else
-``~/.cache/slotlab/clevr6``). Differences from the published set are listed in docs/data.md.
+worker processes, and kept in the cache folder (:func:`slotlab.data.cache.cached_generation`). Differences from the
+published set are listed in docs/data.md.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from slotlab.data.base import ArrayDataset
+from slotlab.data.cache import cached_generation
 from slotlab.data.clevrtex import CROP_FRACTION, image_rgb, resize_ids
 from slotlab.data.properties import DEFAULT_SHAPES, MAX_OBJECTS, PROPERTY_NAMES, encode_objects, property_values
 from slotlab.data.scenes3d import make_scene
@@ -47,22 +47,9 @@ def _render(job: tuple[int, int, int, int, int]) -> tuple[np.ndarray, np.ndarray
     return rgb, mask, coords, props
 
 
-def cache_folder() -> Path:
-    root = os.environ.get("SLOTLAB_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "slotlab") / "clevr6"
-
-
 def make_clevr6(num_images: int, seed: int, split: str, resolution: int = 64, min_objects: int = 3,
                 max_objects: int = 6, workers: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Render a split (or read it from the cache): images, ids and the object extras of the CLEVRTex loader."""
-    key = f"v{RENDERER_VERSION}-seed{seed}-{split}-{num_images}-{resolution}px-{min_objects}to{max_objects}"
-    path = cache_folder() / f"{key}.npz"
-    try:
-        with np.load(path) as cached:
-            return cached["images"], cached["masks"], {"obj_coords": cached["obj_coords"],
-                                                       "obj_props": cached["obj_props"]}
-    except (OSError, ValueError, KeyError):
-        pass  # not cached yet (or damaged: derived data, rendered again)
+    """Render a split: images, ids and the object extras of the CLEVRTex loader (in worker processes)."""
     scene_seed = seed * len(SPLIT_STREAMS) + SPLIT_STREAMS[split]  # disjoint scenes for each (seed, split)
     jobs = [(scene_seed, i, resolution, min_objects, max_objects) for i in range(num_images)]
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -75,10 +62,6 @@ def make_clevr6(num_images: int, seed: int, split: str, resolution: int = 64, mi
     else:
         results = [_render(job) for job in tqdm(jobs, **progress)]
     images, masks, coords, props = (np.stack(column) for column in zip(*results))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=images, masks=masks, obj_coords=coords, obj_props=props)
-    os.replace(tmp, path)  # atomic: a reader sees a whole cache or none
     return images, masks, {"obj_coords": coords, "obj_props": props}
 
 
@@ -86,8 +69,11 @@ class Clevr6(ArrayDataset):
     """The built-in CLEVR6 split (see the module docstring)."""
 
     def __init__(self, split: str = "train", num_images: int = 10_000, seed: int = 0, resolution: int = 64,
-                 min_objects: int = 3, max_objects: int = 6, workers: int = 0):
-        images, masks, extras = make_clevr6(num_images, seed, split, resolution, min_objects, max_objects, workers)
+                 min_objects: int = 3, max_objects: int = 6, workers: int = 0, cache: bool = True):
+        settings = {"version": RENDERER_VERSION, "split": split, "num_images": num_images, "seed": seed,
+                    "resolution": resolution, "min_objects": min_objects, "max_objects": max_objects}
+        images, masks, extras = cached_generation("clevr6", settings, lambda: make_clevr6(
+            num_images, seed, split, resolution, min_objects, max_objects, workers), cache)
         info = {"name": "clevr6", "split": split, "property_names": list(PROPERTY_NAMES),
                 "property_values": property_values("clevr"), "render": json.dumps(
                     {"version": RENDERER_VERSION, "size": render_size(resolution), "crop": CROP_FRACTION})}

@@ -15,6 +15,7 @@ import colorsys
 import numpy as np
 
 from slotlab.data.base import ArrayDataset
+from slotlab.data.cache import cached_generation
 from slotlab.data.sprites import SPLIT_STREAMS
 
 RESOLUTION = 64
@@ -24,6 +25,7 @@ ORIENTATIONS = 40  # dSprites' orientations in [0, 2 pi)
 HALF_SIZE = 0.18  # half the side of a scale-1 sprite, as a fraction of the image side
 MIN_VISIBLE_FRACTION = 0.25  # a sprite keeps at least this much of its area visible (and 8 pixels)
 PROPERTY_NAMES = ("shape", "scale")
+GENERATOR_VERSION = 1  # part of the cache key: bump when the pictures change
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -95,8 +97,11 @@ class MultiDSprites(ArrayDataset):
     """The built-in Multi-dSprites split (see the module docstring)."""
 
     def __init__(self, split: str = "train", num_images: int = 10_000, seed: int = 0, resolution: int = RESOLUTION,
-                 min_objects: int = 2, max_objects: int = 5):
-        images, masks, extras = make_multi_dsprites(num_images, seed, split, resolution, min_objects, max_objects)
+                 min_objects: int = 2, max_objects: int = 5, cache: bool = False):
+        settings = {"version": GENERATOR_VERSION, "split": split, "num_images": num_images, "seed": seed,
+                    "resolution": resolution, "min_objects": min_objects, "max_objects": max_objects}
+        images, masks, extras = cached_generation("multi_dsprites", settings, lambda: make_multi_dsprites(
+            num_images, seed, split, resolution, min_objects, max_objects), cache)
         info = {"name": "multi_dsprites", "split": split, "property_names": list(PROPERTY_NAMES),
                 "property_values": {"shape": list(SHAPES), "scale": [f"{s:.1f}" for s in SCALES]}}
         super().__init__(images, masks, extras=extras, info=info)

@@ -14,6 +14,7 @@ import colorsys
 import numpy as np
 
 from slotlab.data.base import ArrayDataset
+from slotlab.data.cache import cached_generation
 
 SHAPES = ("ellipse", "square", "triangle", "heart", "diamond")
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
@@ -21,6 +22,7 @@ HUES = (0.0, 0.08, 0.16, 0.33, 0.5, 0.62, 0.75, 0.9)
 SIZES = ("small", "large")
 PROPERTY_NAMES = ("shape", "colour", "size")
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
+GENERATOR_VERSION = 1  # part of the cache key: bump when the pictures change
 MIN_VISIBLE_FRACTION = 0.3
 
 
@@ -122,9 +124,11 @@ class Sprites(ArrayDataset):
     """The built-in 2D sprites dataset (see module docstring)."""
 
     def __init__(self, split: str = "train", num_images: int = 10_000, resolution: int = 64, min_objects: int = 2,
-                 max_objects: int = 6, seed: int = 0, background: str = "noise"):
-        images, masks, extras = make_sprites(num_images, resolution, min_objects, max_objects, seed, split,
-                                             background)
+                 max_objects: int = 6, seed: int = 0, background: str = "noise", cache: bool = False):
+        settings = {"version": GENERATOR_VERSION, "split": split, "num_images": num_images, "resolution": resolution,
+                    "min_objects": min_objects, "max_objects": max_objects, "seed": seed, "background": background}
+        images, masks, extras = cached_generation("sprites", settings, lambda: make_sprites(
+            num_images, resolution, min_objects, max_objects, seed, split, background), cache)
         info = {"name": "sprites", "split": split, "property_names": list(PROPERTY_NAMES),
                 "property_values": {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}}
         super().__init__(images, masks, extras=extras, info=info)

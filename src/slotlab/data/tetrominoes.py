@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from slotlab.data.base import ArrayDataset
+from slotlab.data.cache import cached_generation
 
 BLOCK = 5  # pixels per block side
 RESOLUTION = 35  # the published image size
@@ -22,6 +23,7 @@ COLOUR_RGB = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (25
                       dtype=np.uint8)
 PROPERTY_NAMES = ("shape", "colour")
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
+GENERATOR_VERSION = 1  # part of the cache key: bump when the pictures change
 
 _PIECES = {  # the seven one-sided tetrominoes, one orientation each, as (row, column) blocks
     "I": ((0, 0), (0, 1), (0, 2), (0, 3)),
@@ -118,8 +120,11 @@ class Tetrominoes(ArrayDataset):
     """The built-in Tetrominoes split (see the module docstring)."""
 
     def __init__(self, split: str = "train", num_images: int = 10_000, seed: int = 0, resolution: int = RESOLUTION,
-                 min_objects: int = NUM_OBJECTS, max_objects: int = NUM_OBJECTS):
-        images, masks, extras = make_tetrominoes(num_images, seed, split, resolution, min_objects, max_objects)
+                 min_objects: int = NUM_OBJECTS, max_objects: int = NUM_OBJECTS, cache: bool = False):
+        settings = {"version": GENERATOR_VERSION, "split": split, "num_images": num_images, "seed": seed,
+                    "resolution": resolution, "min_objects": min_objects, "max_objects": max_objects}
+        images, masks, extras = cached_generation("tetrominoes", settings, lambda: make_tetrominoes(
+            num_images, seed, split, resolution, min_objects, max_objects), cache)
         info = {"name": "tetrominoes", "split": split, "property_names": list(PROPERTY_NAMES),
                 "property_values": {"shape": list(SHAPES), "colour": list(COLOURS)}}
         super().__init__(images, masks, extras=extras, info=info)

@@ -24,9 +24,11 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +202,7 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, state: dict[str, Any] | None = None):
         self.task = get_task(config)
         if state is None:  # a new run: the task may complete its config (a diffusion run copies its VAE's)
-            config = self.task.prepare_config()
+            config = fit_warmup(self.task.prepare_config())
             self.task = get_task(config)
         self.config = config
         self.run_dir = Path(run_dir)
@@ -361,6 +363,7 @@ class Trainer:
         main = self.dist.is_main
         if main:
             self.log.truncate_after(self.step)
+            print(self.describe(), flush=True)
         # Signals only set a flag, so a step is never cut in half: the saved state is always that of a whole step.
         previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         # With a time budget the bar counts steps without a total (the budget, not train.steps, ends the run).
@@ -435,7 +438,28 @@ class Trainer:
             from slotlab.report.plots import plot_curves
 
             plot_curves(self.run_dir)
+            if not self.stop_signal:
+                print(self.summary(last_val), flush=True)
         return last_val
+
+    def describe(self) -> str:
+        """The start-up line: what is trained, on what, where, for how long."""
+        config, cfg = self.config, self.config.train
+        length = f"{cfg.time_budget:g} minutes of training" if cfg.time_budget else f"{cfg.steps} steps"
+        start = f" from step {self.step}" if self.step else ""
+        return (f"slotlab train: preset {config.preset} (task {config.task}, {config.model.num_slots} slots) on "
+                f"{config.data.name} {config.data.resolution}x{config.data.resolution}: {len(self.train_set)} train / "
+                f"{len(self.val_set)} val images; {length}{start} at batch {cfg.batch_size}; device {self.device} "
+                f"({torch.get_num_threads()} threads); run directory {self.run_dir}")
+
+    def summary(self, last_val: dict[str, Any]) -> str:
+        """The closing lines: where the run stands, where its files are, what to run next."""
+        scores = ", ".join(f"{name} {last_val[name]:.4f}" for name in ("loss", "fg_ari", "ari", "mbo", "psnr")
+                           if isinstance(last_val.get(name), float))
+        return (f"done: step {self.step}, {self.train_seconds / 60:.1f} training minutes"
+                f"{f'; last validation: {scores}' if scores else ''}\n"
+                f"files: {self.run_dir}/config.json, checkpoints/best.pt and last.pt, metrics.jsonl, curves.png, tb/\n"
+                f"next: slotlab eval {self.run_dir} && slotlab report {self.run_dir}")
 
     def validate_and_log(self) -> dict[str, Any]:
         """Validate, append the record to the log, and save ``best`` when the val loss is the lowest so far."""
@@ -452,6 +476,17 @@ class Trainer:
 def _own(run_dir: Path):
     """The run directory's lock, held by the process that writes it (rank 0 under torchrun)."""
     return RunLock(run_dir) if distributed.env_rank() == 0 else nullcontext()
+
+
+def fit_warmup(config: Config) -> Config:
+    """A warm-up as long as the run would never reach the peak LR: scale it to a tenth of the run, and say so."""
+    cfg = config.train
+    if cfg.time_budget or cfg.warmup_steps < cfg.steps:
+        return config
+    warmup = cfg.steps // 10
+    print(f"warning: train.warmup_steps={cfg.warmup_steps} is not below train.steps={cfg.steps}: the warm-up is "
+          f"scaled to {warmup} steps (a tenth of the run)", file=sys.stderr)
+    return replace(config, train=replace(cfg, warmup_steps=warmup))
 
 
 def train(config: Config, run_dir: Path) -> Trainer:
