@@ -25,10 +25,13 @@ def make_run(root: Path, name: str, overrides=(), eval_metrics=None, compose_met
                for i, rate in enumerate(rates)]
     records.append({"step": 100 * len(rates), "split": "val", "loss": 0.1})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    for folder, metrics in (("eval", eval_metrics), ("compose", compose_metrics)):
-        if metrics is not None:
-            (run / folder).mkdir()
-            (run / folder / "metrics.json").write_text(json.dumps(metrics))
+    if eval_metrics is not None:
+        (run / "eval" / "val-best").mkdir(parents=True)
+        evaluation = {"split": "val", "num_images": 500, "checkpoint": "best", **eval_metrics}
+        (run / "eval" / "val-best" / "metrics.json").write_text(json.dumps(evaluation))
+    if compose_metrics is not None:
+        (run / "compose").mkdir()
+        (run / "compose" / "metrics.json").write_text(json.dumps(compose_metrics))
     return run
 
 
@@ -38,11 +41,12 @@ def test_table_has_one_row_per_run_with_its_numbers(tmp_path):
     b = make_run(tmp_path, "smm", ["model.grouping=slot_mixture"], eval_metrics={"ari": 0.6, "fg_ari": 0.8})
     table = compare_runs([a, b])
     lines = table.splitlines()
-    assert lines[0] == "| run | model | ARI | FG-ARI | mIoU | mBO | FID | steps | wall time |"
+    assert lines[0] == "| run | model | evaluated on | ARI | FG-ARI | mIoU | mBO | FID | steps | wall time |"
     # 100 steps * 32 images at 100 img/s + 100 steps * 32 images at 50 img/s = 32 s + 64 s
-    assert lines[2] == ("| sa | autoencoder / slot_attention / bo_qsa | 0.500 | 0.712 | 0.400 | 0.450 | 81.2 | 200 "
-                        "| 1m 36s |")
-    assert lines[3].startswith("| smm | autoencoder / slot_mixture / bo_qsa | 0.600 | 0.800 | - | - | - | 200 |")
+    assert lines[2] == ("| sa | autoencoder / slot_attention / bo_qsa | val 500 img, best | 0.500 | 0.712 | 0.400 | "
+                        "0.450 | 81.2 | 200 | 1m 36s |")
+    assert lines[3].startswith("| smm | autoencoder / slot_mixture / bo_qsa | val 500 img, best | 0.600 | 0.800 | - |")
+    assert lines[5] == 'Config differences: model.grouping ("slot_attention", "slot_mixture")'
     assert "AP∞ %" in lines[-1] and "slotlab eval (set prediction runs)" in lines[-1]  # columns no run has
 
 
@@ -50,7 +54,7 @@ def test_set_prediction_runs_show_ap_in_percent(tmp_path):
     run = make_run(tmp_path, "setpred", ["task=setpred"],
                    eval_metrics={"ap_inf": 0.943, "ap_1": 0.867, "ap_0.5": 0.56, "ap_0.25": 0.108, "ap_0.125": 0.009})
     lines = compare_runs([run]).splitlines()
-    assert lines[0].startswith("| run | model | AP∞ % | AP1 % | AP0.5 % | AP0.25 % | AP0.125 % | steps |")
+    assert lines[0].startswith("| run | model | evaluated on | AP∞ % | AP1 % | AP0.5 % | AP0.25 % | AP0.125 % |")
     assert "| 94.3 | 86.7 | 56.0 | 10.8 | 0.9 |" in lines[2]
 
 
@@ -91,4 +95,4 @@ def test_bad_inputs(tmp_path, capsys):
 def test_cli_prints_the_table(tmp_path, capsys):
     run = make_run(tmp_path, "sa", eval_metrics={"ari": 0.25})
     assert main(["compare", str(run)]) == 0
-    assert "| sa | autoencoder / slot_attention / bo_qsa | 0.250 |" in capsys.readouterr().out
+    assert "| sa | autoencoder / slot_attention / bo_qsa | val 500 img, best | 0.250 |" in capsys.readouterr().out

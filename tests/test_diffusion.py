@@ -131,10 +131,10 @@ def test_vae_loss_is_mse_plus_weighted_kl_and_latents_are_a_quarter_side():
 
 def test_slotlab_eval_of_a_vae_run_reports_psnr(vae_run, capsys):
     assert main(["eval", str(vae_run), "--limit", "4", "--device", "cpu"]) == 0
-    metrics = json.loads((vae_run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((vae_run / "eval" / "val-best-first4" / "metrics.json").read_text())
     assert metrics["num_images"] == 4 and metrics["latent_shape"] == [3, 8, 8]
     assert metrics["psnr"] == pytest.approx(10 * math.log10(4 / metrics["mse"]))
-    assert (vae_run / "eval" / "recon.png").is_file()
+    assert (vae_run / "eval" / "val-best-first4" / "recon.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ SlotDiffusion
@@ -227,9 +227,9 @@ def diffusion_run(tmp_path_factory):
 def test_slotlab_eval_and_mix_of_a_slot_diffusion_run(diffusion_run, capsys):
     run_dir = diffusion_run
     assert main(["eval", str(run_dir), "--limit", "4", "--device", "cpu"]) == 0
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "val-best-first4" / "metrics.json").read_text())
     assert -1 <= metrics["ari"] <= 1 and metrics["mse"] > 0
-    assert (run_dir / "eval" / "masks.png").is_file()
+    assert (run_dir / "eval" / "val-best-first4" / "masks.png").is_file()
     # slot mixing decodes through decode(slots) and falls back to attention masks: unchanged for this model
     assert main(["mix", str(run_dir), "--a", "0", "--b", "1", "--take-from-b", "1", "--device", "cpu"]) == 0
     assert (run_dir / "mix" / "mix_0_1.png").is_file()

@@ -17,6 +17,7 @@ from slotlab.evaluate import evaluate_run
 from slotlab.io import save_checkpoint
 from slotlab.tasks import build_model
 from slotlab.tasks.autoencoder import _Extremes
+from slotlab.train.loop import train
 
 
 def untrained_run(run_dir, overrides=()):
@@ -43,12 +44,12 @@ def read_csv(path):
 
 def test_eval_writes_every_metric_and_per_image_scores(evaluated_run):
     run_dir, metrics = evaluated_run
-    saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    saved = json.loads((run_dir / "eval" / "val-last-first10" / "metrics.json").read_text())
     assert saved == metrics
     for name in ("ari", "fg_ari", "miou", "mbo", "mse", "clevrtex_mse"):
         assert np.isfinite(saved[name]), name
     assert saved["num_images"] == 10 and saved["split"] == "val"
-    rows = read_csv(run_dir / "eval" / "per_image.csv")
+    rows = read_csv(run_dir / "eval" / "val-last-first10" / "per_image.csv")
     assert [int(r["index"]) for r in rows] == list(range(10))  # three batches of 4, 4, 2
     # The means in metrics.json are the means of the per-image scores (FG scores over images with objects).
     with_objects = [r for r in rows if int(r["num_objects"]) > 0]
@@ -66,7 +67,7 @@ def test_eval_saves_galleries(evaluated_run):
 
     run_dir, _ = evaluated_run
     for name in ("best", "worst", "masks", "slots", "attention"):
-        path = run_dir / "eval" / f"{name}.png"
+        path = run_dir / "eval" / "val-last-first10" / f"{name}.png"
         image = np.asarray(Image.open(path).convert("RGB"))
         assert image.shape[0] > 100 and image.shape[1] > 100, name
         assert image.std() > 10, f"{name}.png looks blank"
@@ -104,7 +105,7 @@ def test_eval_runs_the_task_evaluator_over_the_split(tmp_path, monkeypatch):
     metrics = evaluate_run(tmp_path, limit=5, batch_size=2)
     assert metrics["ap_inf"] == 0.75 and "ari" not in metrics
     assert seen == [[0, 1], [2, 3], [4]]
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ap_inf"] == 0.75
+    assert json.loads((tmp_path / "eval" / "val-last-first5" / "metrics.json").read_text())["ap_inf"] == 0.75
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -113,13 +114,27 @@ def test_eval_runs_the_task_evaluator_over_the_split(tmp_path, monkeypatch):
 ])
 def test_eval_bad_arguments(evaluated_run, capsys, args, fragment):
     run_dir, _ = evaluated_run
-    before = (run_dir / "eval" / "metrics.json").read_text()
+    before = (run_dir / "eval" / "val-last-first10" / "metrics.json").read_text()
     assert main(["eval", str(run_dir), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0]
-    assert (run_dir / "eval" / "metrics.json").read_text() == before  # nothing overwritten
+    assert (run_dir / "eval" / "val-last-first10" / "metrics.json").read_text() == before  # nothing overwritten
 
 
 def test_eval_missing_run(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error: missing run directory")
+
+
+def test_evaluations_of_other_splits_and_checkpoints_are_kept_and_the_report_says_which(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(apply_overrides(get_preset("smoke"), ["train.steps=2", "train.val_every=2"]), run_dir)
+    assert main(["eval", str(run_dir), "--device", "cpu"]) == 0
+    val = (run_dir / "eval" / "val-best" / "metrics.json").read_text()
+    assert main(["eval", str(run_dir), "--split", "train", "--limit", "4", "--device", "cpu"]) == 0
+    assert main(["eval", str(run_dir), "--checkpoint", "last", "--device", "cpu"]) == 0
+    assert (run_dir / "eval" / "val-best" / "metrics.json").read_text() == val  # untouched
+    assert json.loads((run_dir / "eval" / "train-best-first4" / "metrics.json").read_text())["split"] == "train"
+    assert (run_dir / "eval" / "val-last" / "metrics.json").is_file()
+    assert main(["report", str(run_dir)]) == 0
+    assert "## Metrics (eval/val-best: val split, 8 images, checkpoint best)" in (run_dir / "report.md").read_text()

@@ -231,7 +231,7 @@ def test_cli_trains_and_evaluates_a_setpred_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--preset", "setpred-smoke", "--set", "train.steps=1", "--out", str(run)]) == 0
     assert main(["eval", str(run)]) == 0
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run / "eval" / "val-best" / "metrics.json").read_text())
     assert {"ap_inf", "ap_1", "ap_0.5", "ap_0.25", "ap_0.125"} <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("ap_inf", "ap_0.125"))
     assert metrics["num_objects"] > 0

@@ -343,11 +343,11 @@ def test_disentanglement_finds_the_variable_that_carries_colour(tmp_path):
 def test_eval_of_a_vq_run_adds_the_disentanglement_view(vq_run, capsys):
     code, out, _ = run(capsys, "eval", str(vq_run), "--device", "cpu")
     assert code == 0
-    metrics = json.loads((vq_run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((vq_run / "eval" / "val-best" / "metrics.json").read_text())
     assert metrics["disent_objects"] > 0
     if metrics["disent_matched"]:  # a 12-step smoke model may not cover any object well enough to match it
         assert 0 <= metrics["nmi_colour"] <= 1
-        assert (vq_run / "eval" / "disentanglement_all.png").exists()
+        assert (vq_run / "eval" / "val-best" / "disentanglement_all.png").exists()
     else:
         assert metrics["disentanglement"].startswith("skipped")
 

@@ -27,7 +27,7 @@ from PIL import Image
 from slotlab.config import Config, config_to_dict
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_bytes, atomic_write_text
-from slotlab.runs import EXPORTED_WEIGHTS, choose_checkpoint, is_exported
+from slotlab.runs import EXPORTED_WEIGHTS, choose_checkpoint, find_eval, is_exported
 from slotlab.tasks import load_trained_model
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -161,7 +161,8 @@ def export_run(run_dir: Path, out: Path, checkpoint: str = "best") -> Path:
 def model_card(run_dir: Path, config: Config, checkpoint: str) -> str:
     """The exported folder's ``README.md``: what the model is, how it was trained and scored, how to load it."""
     metrics: dict[str, Any] = {}
-    path = Path(run_dir) / "eval" / "metrics.json"
+    found = find_eval(run_dir)
+    path = found / "metrics.json" if found else Path(run_dir) / "eval" / "metrics.json"
     if path.is_file():
         try:
             metrics = json.loads(path.read_text())

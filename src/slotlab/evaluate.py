@@ -1,8 +1,9 @@
 """``slotlab eval RUN_DIR``: score a trained run on a split with its task's evaluator.
 
-Writes ``RUN_DIR/eval/metrics.json`` (the task's scores: ARI, FG-ARI, mIoU, mBO, MSE for slot models, see
-``docs/metrics.md``; PSNR for the VAE; AP for set prediction; the disentanglement view for VQ-SA) and the task's
-pictures and tables under ``RUN_DIR/eval/`` (see :mod:`slotlab.tasks.autoencoder`).
+Writes ``RUN_DIR/eval/<split>-<checkpoint>/metrics.json`` (e.g. ``eval/val-best``; ``-first<N>`` with ``--limit``)
+with the task's scores (ARI, FG-ARI, mIoU, mBO, MSE for slot models, see ``docs/metrics.md``; PSNR for the VAE; AP
+for set prediction; the disentanglement view for VQ-SA), and the task's pictures and tables beside it (see
+:mod:`slotlab.tasks.autoencoder`). Evaluating another split or checkpoint never overwrites these.
 
 May import the layers below it: ``train`` and everything under it.
 """
@@ -19,6 +20,7 @@ import torch
 from slotlab.data import build_dataset
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
+from slotlab.runs import choose_checkpoint, eval_dir
 from slotlab.tasks import get_task, load_trained_model
 
 
@@ -44,13 +46,14 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     if batch_size < 0:
         raise UserError(f"batch size must be 0 (the training batch size) or positive, got {batch_size}")
     run_dir = Path(run_dir)
+    checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, model = load_trained_model(run_dir, checkpoint, device)
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
     if len(dataset) == 0:
         raise UserError(f"the {split} split of dataset {config.data.name!r} is empty: nothing to evaluate")
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
-    out_dir = run_dir / "eval"
+    out_dir = eval_dir(run_dir, split, checkpoint, limit)  # e.g. eval/val-best: other evaluations stay
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": split, "num_images": count, "checkpoint": checkpoint}
     torch.manual_seed(seed)

@@ -193,6 +193,26 @@ def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
     return config, {"model": weights, "config": config_to_dict(config), "step": 0}
 
 
+def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0) -> Path:
+    """Where ``slotlab eval`` keeps the results of one split, checkpoint and image count:
+    ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit), e.g. ``eval/val-best``."""
+    return Path(run_dir) / "eval" / (f"{split}-{checkpoint}" + (f"-first{limit}" if limit else ""))
+
+
+def find_eval(run_dir: Path) -> Path | None:
+    """The evaluation a report shows: the full val split of the best checkpoint when there is one, else the latest
+    evaluation (or the single ``eval/`` folder of runs evaluated by an older slotlab)."""
+    root = Path(run_dir) / "eval"
+    preferred = [eval_dir(run_dir, "val", name) for name in ("best", "last", "exported")]
+    for folder in preferred:
+        if (folder / "metrics.json").is_file():
+            return folder
+    found = sorted(root.glob("*/metrics.json"), key=lambda path: path.stat().st_mtime)
+    if found:
+        return found[-1].parent
+    return root if (root / "metrics.json").is_file() else None
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of ``RUN_DIR/metrics.jsonl``; a torn or damaged line (e.g. from a full disk) is dropped with a
     warning on stderr."""
@@ -219,4 +239,4 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 __all__ = ["RunLock", "check_new_run_dir", "check_writable_dir", "checkpoint_path", "choose_checkpoint",
            "clear_start_leftovers", "has_checkpoint", "is_exported", "load_exported", "load_run",
-           "pick_device", "read_metrics", "weights_file"]
+           "pick_device", "read_metrics", "weights_file", "eval_dir", "find_eval"]

@@ -18,6 +18,7 @@ from typing import Any
 
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
+from slotlab.runs import find_eval
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,16 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
     if not config:
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     records = _read_records(run_dir / "metrics.jsonl")
-    sources = {"eval": _read_json(run_dir / "eval" / "metrics.json"),
+    evaluated = find_eval(run_dir)
+    sources = {"eval": _read_json(evaluated / "metrics.json") if evaluated else {},
                "compose": _read_json(run_dir / "compose" / "metrics.json")}
     steps = max((int(r.get("step", 0)) for r in records), default=None)
     batch_size = int(config.get("train", {}).get("batch_size", 0))
+    evaluation = sources["eval"]
+    scored = (f"{evaluation.get('split', '?')} {evaluation.get('num_images', '?')} img, "
+              f"{evaluation.get('checkpoint', '?')}") if evaluation else "-"
     row: dict[str, Any] = {"name": run_dir.name, "model": _describe(config), "steps": steps,
-                           "wall_time_s": training_time(records, batch_size)}
+                           "wall_time_s": training_time(records, batch_size), "evaluated": scored, "config": config}
     for column in METRIC_COLUMNS:
         values = sources[column.source]
         value = next((values[k] for k in column.keys if isinstance(values.get(k), (int, float))), None)
@@ -161,12 +166,17 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     present = [c for c in METRIC_COLUMNS if any(row[c.header] is not None for row in rows)]
     missing = [c for c in METRIC_COLUMNS if c not in present]
 
-    headers = ["run", "model", *[c.header for c in present], "steps", "wall time"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|"]
+    headers = ["run", "model", "evaluated on", *[c.header for c in present], "steps", "wall time"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|"]
     for row in rows:
-        cells = [row["name"], row["model"], *[_cell(c, row[c.header]) for c in present],
+        cells = [row["name"], row["model"], row["evaluated"], *[_cell(c, row[c.header]) for c in present],
                  "-" if row["steps"] is None else str(row["steps"]), format_duration(row["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
+    differences = config_differences([row["config"] for row in rows])
+    if len(rows) > 1:
+        lines.append("")
+        lines.append("Config differences: " + ("; ".join(
+            f"{key} ({', '.join(values)})" for key, values in differences.items()) if differences else "none"))
     if missing:
         hints = sorted({c.hint for c in missing})
         lines.append("")
@@ -183,17 +193,35 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     return table
 
 
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(configs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The config keys whose values differ between runs, with each run's value (in run order)."""
+    flats = [_flatten(config) for config in configs]
+    keys = sorted(set().union(*flats)) if flats else []
+    return {key: [json.dumps(flat.get(key)) for flat in flats] for key in keys
+            if len({json.dumps(flat.get(key)) for flat in flats}) > 1}
+
+
 def _to_csv(rows: list[dict[str, Any]]) -> str:
     """Every column, raw values (AP as a fraction, wall time in seconds), empty where a run has no value."""
     buffer = io.StringIO()
-    fields = ["run", "model", *[c.keys[0] for c in METRIC_COLUMNS], "steps", "wall_time_s"]
+    fields = ["run", "model", "evaluated", *[c.keys[0] for c in METRIC_COLUMNS], "steps", "wall_time_s"]
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(fields)
     for row in rows:
-        values = [row["name"], row["model"], *[row[c.header] for c in METRIC_COLUMNS], row["steps"],
+        values = [row["name"], row["model"], row["evaluated"], *[row[c.header] for c in METRIC_COLUMNS], row["steps"],
                   row["wall_time_s"]]
         writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()
 
 
-__all__ = ["compare_runs", "collect_run", "format_duration", "training_time"]
+__all__ = ["compare_runs", "collect_run", "config_differences", "format_duration", "training_time"]

@@ -36,6 +36,7 @@ from typing import Any
 
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
+from slotlab.runs import find_eval
 
 # What each number means, shown next to it.
 METRIC_NOTES = {
@@ -164,8 +165,9 @@ def _collect(run_dir: Path) -> dict[str, Any]:
     config = _read_json(run_dir / "config.json")
     if not isinstance(config, dict):
         raise UserError(f"corrupt file {run_dir / 'config.json'}: expected a JSON object")
-    eval_dir = run_dir / "eval"
+    eval_dir = find_eval(run_dir) or run_dir / "eval"
     return {
+        "eval_name": eval_dir.relative_to(run_dir).as_posix(),
         "name": run_dir.resolve().name,
         "config": config,
         "training": _training_summary(_read_jsonl(run_dir / "metrics.jsonl")),
@@ -178,6 +180,15 @@ def _collect(run_dir: Path) -> dict[str, Any]:
         "edit": sorted((run_dir / "edit").glob("*.png")),
         "disentanglement": sorted(eval_dir.glob("disentanglement*.png")),
     }
+
+
+def _eval_source(report: dict[str, Any]) -> str:
+    """Which evaluation the metrics come from, e.g. ``eval/val-best: val split, 500 images, checkpoint best``."""
+    metrics = report["metrics"]
+    if not metrics:
+        return ""
+    return (f"{report['eval_name']}: {metrics.get('split', '?')} split, {metrics.get('num_images', '?')} images, "
+            f"checkpoint {metrics.get('checkpoint', '?')}")
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -254,12 +265,11 @@ def _render_html(report: dict[str, Any], run_dir: Path) -> str:
         parts.append('<div class="headline">' + "".join(
             f"<div><b>{html.escape(_format(value))}</b><span>{html.escape(DISPLAY_NAMES.get(name, name))}</span></div>"
             for name, value in headline) + "</div>")
-    parts.append("<h2>Metrics</h2>")
+    parts.append(f"<h2>Metrics <small>{html.escape(_eval_source(report))}</small></h2>")
     if metrics:
         parts.append(_html_table(_metric_rows(metrics), ("metric", "value", "meaning"), "metrics"))
     else:
-        parts.append(f"<p>No <code>eval/metrics.json</code> yet: run <code>slotlab eval {html.escape(str(run_dir))}"
-                     "</code>.</p>")
+        parts.append(f"<p>No evaluation yet: run <code>slotlab eval {html.escape(str(run_dir))}</code>.</p>")
     if report["training"] or report["curves"]:
         parts.append("<h2>Training</h2>")
         if report["training"]:
@@ -306,7 +316,8 @@ def _render_markdown(report: dict[str, Any], run_dir: Path) -> str:
 
     parts = [f"# slotlab report: {report['name']}", _subtitle(report)]
     if report["metrics"]:
-        parts += ["## Metrics", _md_table(_metric_rows(report["metrics"]), ("metric", "value", "meaning"))]
+        parts += [f"## Metrics ({_eval_source(report)})",
+                  _md_table(_metric_rows(report["metrics"]), ("metric", "value", "meaning"))]
     if report["training"]:
         parts += ["## Training", _md_table([(k, _format(v)) for k, v in report["training"].items()], ("", "value"))]
     parts += [link(p, "Loss, learning rate and validation ARI / FG-ARI") for p in report["curves"]]
