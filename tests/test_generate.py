@@ -162,3 +162,13 @@ def test_compose_and_library_bad_input(tmp_path, trained_run, capsys):
     code, _, err = run(capsys, "library", str(tmp_path / "none"), "--device", "cpu")
     assert code == 2
     assert_one_error_line(err, "missing run directory")
+
+
+def test_a_library_of_the_first_images_only(trained_run, capsys):
+    from slotlab.generate.slot_library import build_library, load_library
+
+    assert run(capsys, "library", str(trained_run), "--limit", "5", "--device", "cpu")[0] == 0
+    library = load_library(trained_run, "train")
+    assert library.slots.shape[0] == 5 and library.meta["num_images"] == 5
+    build_library(trained_run, "train", device="cpu")  # all images again: another library, rebuilt
+    assert load_library(trained_run, "train").slots.shape[0] > 5

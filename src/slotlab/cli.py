@@ -132,14 +132,15 @@ def cmd_data_cache(args: argparse.Namespace) -> None:
 def cmd_library(args: argparse.Namespace) -> None:
     from slotlab.generate.slot_library import build_library
 
-    print(build_library(Path(args.run_dir), split=args.split, batch_size=args.batch_size, device=args.device))
+    print(build_library(Path(args.run_dir), split=args.split, batch_size=args.batch_size, device=args.device,
+                        limit=args.limit))
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
     from slotlab.generate.compose import compose
 
     result = compose(Path(args.run_dir), num_images=args.n, clusters=args.clusters, seed=args.seed,
-                     device=args.device)
+                     device=args.device, library_limit=args.library_limit)
     print(json.dumps(result, indent=2))
 
 
@@ -248,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", default=["train", "val"])
     _add_skip_bad(p)
 
-    p = add("library", cmd_library, "encode a split into a slot library")
+    p = add("library", cmd_library, "encode a split into a slot library (RUN_DIR/library/SPLIT: K x D floats per "
+                                    "image; resumable)")
     p.add_argument("run_dir")
+    p.add_argument("--limit", type=_count, default=0, help="encode only the first N images (0 = the whole split)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split of the run\'s dataset")
     p.add_argument("--batch-size", type=_count, default=0, help="images per forward pass (0 = the training batch)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
@@ -258,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--n", type=_count, default=0, help="number of scenes (0 = number of val images)")
     p.add_argument("--clusters", type=_count, default=0, help="K-means clusters (0 = number of slots)")
+    p.add_argument("--library-limit", type=_count, default=0,
+                   help="build the slot library from the first N train images (0 = all; encoding the whole train "
+                        "split takes minutes on a CPU, once)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
 

@@ -85,7 +85,7 @@ class PngFolder:
 
 @torch.no_grad()
 def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0, device: str = "auto",
-            batch_size: int = 0, fid: bool = True) -> dict[str, Any]:
+            batch_size: int = 0, fid: bool = True, library_limit: int = 0) -> dict[str, Any]:
     """Generate scenes from K-means clusters of the slot library and score them with clean-fid.
 
     Args:
@@ -94,6 +94,8 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
             images, the first ``num_images`` validation images are the FID reference.
         clusters: K-means clusters, i.e. slots per scene (0 = the model's number of slots).
         seed: seed of K-means, of the slot draws and of the decoder's noise (if any).
+        library_limit: build the slot library from the first ``library_limit`` train images only (0 = all; the
+            library is built once and reused, and rebuilt when this changes).
         device: ``auto``, ``cpu``, ``cuda``...
         batch_size: scenes decoded at once (0 = four times the training batch size).
         fid: compute FID/KID (tests switch it off).
@@ -112,7 +114,7 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
     config, model = load_trained_model(run_dir, "best", device)
     dev = next(model.parameters()).device
     batch_size = batch_size or 4 * config.train.batch_size
-    build_library(run_dir, "train", batch_size, str(dev))
+    build_library(run_dir, "train", batch_size, str(dev), limit=library_limit)
     library = load_library(run_dir, "train")
     flat_slots = library.slots.reshape(-1, library.slots.shape[-1])  # [N*K, D]
     clusters = clusters or config.model.num_slots

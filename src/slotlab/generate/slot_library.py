@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def _read_chunk(path: Path, expected_images: int, num_slots: int, slot_dim: int)
 
 @torch.no_grad()
 def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, device: str = "auto",
-                  checkpoint: str = "best") -> str:
+                  checkpoint: str = "best", limit: int = 0) -> str:
     """Encode ``split`` of the run's dataset into a slot library (resumable).
 
     Args:
@@ -84,6 +85,7 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
         batch_size: images per forward pass (0 = four times the training batch size).
         device: ``auto``, ``cpu``, ``cuda``...
         checkpoint: ``best`` (falls back to ``last``) or ``last``.
+        limit: encode only the first ``limit`` images of the split (0 = all of them).
 
     Returns:
         The library folder, ``RUN_DIR/library/<split>``.
@@ -96,6 +98,9 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
     num_images, num_slots, slot_dim = len(dataset), config.model.num_slots, model.slot_size
+    if limit < 0:
+        raise UserError(f"library: the image limit must be 0 (all) or positive, got {limit}")
+    num_images = min(num_images, limit) if limit else num_images
     if num_images == 0:
         raise UserError(f"library: split {split!r} of {run_dir} has no images")
     batch_size = batch_size or 4 * config.train.batch_size
@@ -113,6 +118,9 @@ def build_library(run_dir: Path, split: str = "train", batch_size: int = 0, devi
     chunks = [(i, i * CHUNK_IMAGES, min((i + 1) * CHUNK_IMAGES, num_images)) for i in range(meta["num_chunks"])]
     todo = [c for c in chunks if _read_chunk(_chunk_path(folder, c[0]), c[2] - c[1], num_slots, slot_dim) is None]
     done_images = num_images - sum(end - start for _, start, end in todo)
+    if todo:
+        print(f"library: encoding {num_images - done_images} of {num_images} {split} images into {folder} (once; "
+              "later commands reuse it)", file=sys.stderr)
     with tqdm(total=num_images, initial=done_images, desc=f"library {split}", unit="img", dynamic_ncols=True,
               disable=not todo) as progress:  # silent when the library is complete already
         for index, start, end in todo:
