@@ -35,8 +35,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from slotlab.config import get_preset  # noqa: E402
-from slotlab.runs import read_metrics  # noqa: E402
+from slotlab.config import get_preset, load_config  # noqa: E402
+from slotlab.runs import choose_checkpoint, eval_dir, read_metrics  # noqa: E402
 
 PRESETS = ("tetrominoes-cpu", "multi-dsprites-cpu", "clevr6-cpu", "sprites-cpu")
 # FG-ARI (%) of Slot Attention in Locatello et al. (2020), Table 1: mean over 5 seeds, 500k steps on a GPU.
@@ -74,14 +74,15 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str]) -> dict:
             args += ["--set", item]
         slotlab(*args)
     slotlab("eval", str(run_dir))
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics = json.loads((eval_dir(run_dir, "val", choose_checkpoint(run_dir, "best")) / "metrics.json").read_text())
     records = read_metrics(run_dir)
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val" and "fg_ari" in r]
-    speeds = [r["images_per_s"] for r in train[1:] if "images_per_s" in r]  # the first window holds start-up
+    speeds = [r["images_per_s"] for r in train[1:] or train if "images_per_s" in r]  # the first: start-up
     return {
         "preset": preset, "seed": seed, "run_dir": str(run_dir),
-        "dataset": get_preset(preset).data.name, "budget_minutes": get_preset(preset).train.time_budget,
+        "dataset": get_preset(preset).data.name,
+        "budget_minutes": load_config(run_dir / "config.json").train.time_budget,
         "steps": train[-1]["step"] if train else 0,
         "train_minutes": train[-1].get("train_minutes", float("nan")) if train else 0.0,
         "images_per_s": sum(speeds) / len(speeds) if speeds else float("nan"),
