@@ -15,6 +15,7 @@ Usage::
 
     .venv/bin/python benchmarks/discovery.py                                  # every preset, seeds 0 1 2
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --seeds 0
+    .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu sprites-cpu:0 clevr6-cpu:0   # seeds per preset
     .venv/bin/python benchmarks/discovery.py --budget-scale 0.1 --out /tmp/d  # a quick rehearsal (10% budgets)
 """
 
@@ -133,7 +134,7 @@ def figure(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="PRESET or PRESET:SEED,SEED")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/discovery", help="where the run directories go")
     parser.add_argument("--out", default="docs/discovery", help="where the table and the figure go")
@@ -143,11 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for preset in args.presets:
+    for item in args.presets:  # PRESET, or PRESET:SEED,SEED to give that preset its own seeds
+        preset, _, seed_list = item.partition(":")
+        seeds = [int(s) for s in seed_list.split(",")] if seed_list else args.seeds
         overrides = list(args.set)
         if args.budget_scale != 1.0:
             overrides.append(f"train.time_budget={get_preset(preset).train.time_budget * args.budget_scale:g}")
-        for seed in args.seeds:
+        for seed in seeds:
             rows.append(run_one(preset, seed, Path(args.runs), overrides))
             (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
     header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
