@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@echo "demo run: runs/demo -- curves.png, eval/metrics.json, eval/masks.png, eval/slots.png, report.html"
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

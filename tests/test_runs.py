@@ -1,0 +1,40 @@
+"""Run directories stand on their own: moved anywhere, with the runs they started from deleted (issue 17)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cli_helpers import run
+from slotlab.config import apply_overrides, get_preset
+from slotlab.generate.compose import compose
+from slotlab.train.loop import train
+
+SHORT = ["train.steps=2", "train.val_every=2", "data.num_train=8", "data.num_val=4"]
+
+
+@pytest.mark.parametrize("kind", ["slot_diffusion", "autoencoder", "vqsa"])
+def test_a_moved_run_works_from_anywhere_without_the_runs_it_started_from(kind, tmp_path, capsys, monkeypatch):
+    origin = tmp_path / "origin"
+    if kind == "slot_diffusion":
+        train(apply_overrides(get_preset("vae-smoke"), SHORT), origin)
+        config = apply_overrides(get_preset("slotdiffusion-smoke"), [*SHORT, f"diffusion.vae_run={origin}"])
+    elif kind == "vqsa":
+        train(apply_overrides(get_preset("smoke"), SHORT), origin)
+        config = apply_overrides(get_preset("vqsa-smoke"), [*SHORT, f"vq.init_run={origin}"])
+    else:
+        config = apply_overrides(get_preset("smoke"), SHORT)
+    train(config, tmp_path / "run")
+    shutil.rmtree(origin, ignore_errors=True)  # the VAE run (or the run VQ-SA started from) is gone
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "run", moved)
+    monkeypatch.chdir(moved.parent)  # and the current directory is another one
+
+    for command in (["eval", str(moved), "--device", "cpu"], ["report", str(moved)],
+                    ["mix", str(moved), "--a", "0", "--b", "1", "--take-from-b", "0", "--device", "cpu"]):
+        code, _, err = run(capsys, *command)
+        assert code == 0, (command, err)
+    if kind != "slot_diffusion":  # decoding a library of slots with a diffusion model is minutes on a CPU
+        assert compose(moved, num_images=4, device="cpu", fid=False)["num_images"] == 4
