@@ -36,6 +36,7 @@ def _field(default: Any, *, lo: float | None = None, hi: float | None = None, gt
 DATASET_NAMES = ("sprites", "tetrominoes", "multi_dsprites", "clevr6", "clevrtex", "folder")
 PROCEDURAL_DATASETS = ("sprites", "tetrominoes", "multi_dsprites", "clevr6")  # drawn by slotlab from a seed
 CLEVRTEX_VARIANT_NAMES = ("full", "pbg", "vbg", "grassbg", "camo", "outd", "clevr", "tex")
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # train.loggers
 MAX_IMAGES = 10_000_000  # procedural split sizes
 MAX_OBJECTS_IN_MASK = 255  # masks are uint8 object ids
 
@@ -172,6 +173,8 @@ class TrainConfig:
     precision: str = _field("auto", choices=("auto", "bf16", "fp32"))
     compile: bool = False  # torch.compile the model (CUDA recipe)
     threads: int = _field(0, lo=0, hi=1024)  # torch CPU threads; 0 = torch default
+    # where scalars and mask pictures go besides metrics.jsonl: a comma list of tensorboard, wandb, mlflow ("" = none)
+    loggers: str = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class Config:
 # Overrides that --resume accepts: they change how long and how observably a run goes on, never what it computes.
 RESUME_SAFE_KEYS = (
     "train.steps", "train.time_budget", "train.log_every", "train.val_every", "train.val_batches",
-    "train.ckpt_every", "train.device", "train.threads", "data.root", "data.cache", "data.skip_bad",
+    "train.ckpt_every", "train.device", "train.threads", "train.loggers", "data.root", "data.cache", "data.skip_bad",
 )
 
 
@@ -620,6 +623,9 @@ def _check_relations(config: Config) -> None:
     if config.diffusion.sample_steps > config.diffusion.num_train_timesteps:
         raise UserError(f"diffusion.sample_steps={config.diffusion.sample_steps} is more than "
                         f"diffusion.num_train_timesteps={config.diffusion.num_train_timesteps}")
+    unknown = [name for name in train.loggers.split(",") if name.strip() and name.strip() not in LOGGERS]
+    if unknown:
+        raise UserError(f"train.loggers={train.loggers!r}: unknown logger {unknown[0]!r}; known: {', '.join(LOGGERS)}")
     device = train.device
     if not (device in ("auto", "cpu", "mps", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UserError(f"train.device={device!r}: expected auto, cpu, cuda, cuda:N or mps")

@@ -47,6 +47,22 @@ def to_uint8_image(images: torch.Tensor) -> np.ndarray:
     return np.moveaxis(array, -3, -1)
 
 
+def mask_preview(images: torch.Tensor, masks: torch.Tensor, recons: torch.Tensor | None = None,
+                 true_masks: torch.Tensor | None = None, count: int = 4) -> np.ndarray:
+    """One uint8 picture ``[H', W', 3]`` for the trackers: a row per image (the first ``count``) with the image, its
+    reconstruction (if any), the predicted masks (argmax over slots ``masks [B, K, H, W]``) and the true ones (if
+    any)."""
+    count = min(count, images.shape[0])
+    pictures = to_uint8_image(images[:count])
+    columns = [list(pictures)]
+    if recons is not None:
+        columns.append(list(to_uint8_image(recons[:count])))
+    columns.append(list(colour_ids(masks[:count].float().argmax(1).cpu().numpy() + 1)))
+    if true_masks is not None:
+        columns.append(list(colour_ids(true_masks[:count].cpu().numpy())))
+    return tile([list(row) for row in zip(*columns)], scale=max(1, 128 // images.shape[-1]))
+
+
 def tile(rows: list[list[np.ndarray]], pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tile a grid of equally sized uint8 images ``[H, W, 3]`` with white padding."""
     h, w = rows[0][0].shape[:2]

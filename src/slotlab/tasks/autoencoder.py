@@ -69,14 +69,18 @@ class ObjectDiscoveryEvaluator:
         self.extremes = _Extremes(GALLERY_SIZE)
         self.rows: list[dict[str, Any]] = []
         self.first = None
+        self.preview: np.ndarray | None = None  # the trackers' mask picture of the first batch
 
     def update(self, batch: dict[str, torch.Tensor], indices: np.ndarray) -> None:
         true = batch.get("mask")
         if self.masks_only:
+            masks = self.model.predict_masks(batch["image"]).float()
             if true is not None:
-                self.metrics.update(self.model.predict_masks(batch["image"]).float(), true)
+                self.metrics.update(masks, true)
+            self._keep_preview(batch["image"], masks, None, true)
             return
         out = self.model(batch["image"])
+        self._keep_preview(batch["image"], out.masks, out.recon, true)
         for extra in self.extras:
             extra.update(batch, indices, out)
         if self.out_dir is None:
@@ -90,6 +94,12 @@ class ObjectDiscoveryEvaluator:
         self.extremes.add(rank, indices, batch, out)
         if self.first is None:
             self.first = (batch, out)
+
+    def _keep_preview(self, images, masks, recons, true) -> None:
+        if self.preview is None:
+            from slotlab.report.plots import mask_preview
+
+            self.preview = mask_preview(images, masks, recons, true)
 
     def summary(self) -> dict[str, Any]:
         metrics = self.metrics.compute() if self.metrics.count else {}

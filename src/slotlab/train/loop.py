@@ -247,8 +247,9 @@ class Trainer:
         self.loss_fn = build_loss_fn(self.model, cfg, self.device, self.dist)
         # Overlapping the data gather with the step pays on a GPU; on CPU it would only take cores from the step.
         self.prefetcher = BatchPrefetcher(self.fetch_batch) if self.device.type == "cuda" else None
-        self.log = MetricsLog(self.run_dir) if self.dist.is_main else None
+        self.log = MetricsLog(self.run_dir, cfg.loggers, config_to_dict(config)) if self.dist.is_main else None
         self.stop_signal: str | None = None
+        self.preview = None  # the mask picture of the last validation (for the trackers)
         self.guard = FiniteGuard(self.device)
         self.check_every_step = self.device.type != "cuda"  # a host-device sync costs nothing on the CPU
 
@@ -338,6 +339,7 @@ class Trainer:
         torch.set_rng_state(rng_state)
         result = {"loss": float(np.mean(losses)) if losses else math.nan}
         result.update({name: value for name, value in scorer.summary().items() if isinstance(value, (int, float))})
+        self.preview = getattr(scorer, "preview", None)  # the mask picture the trackers get
         return result
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -364,6 +366,7 @@ class Trainer:
         if main:
             self.log.truncate_after(self.step)
             print(self.describe(), flush=True)
+            self.log.open()
         # Signals only set a flag, so a step is never cut in half: the saved state is always that of a whole step.
         previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         # With a time budget the bar counts steps without a total (the budget, not train.steps, ends the run).
@@ -467,6 +470,8 @@ class Trainer:
         record["epoch"] = self.step * self.config.train.batch_size / len(self.train_set)
         record["train_minutes"] = self.train_seconds / 60.0
         self.log.log(self.step, "val", record)
+        if self.preview is not None:
+            self.log.picture(self.step, "val/masks", self.preview)
         if record["loss"] < self.best_val:
             self.best_val = record["loss"]
             self.save("best")

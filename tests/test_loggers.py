@@ -1,0 +1,110 @@
+"""train.loggers: Weights & Biases (offline) and MLflow (a local file store) record what metrics.jsonl records."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from cli_helpers import assert_one_error_line, run
+from slotlab.config import apply_overrides, get_preset
+from slotlab.errors import UserError
+from slotlab.runs import read_metrics
+from slotlab.train.loop import train
+
+SHORT = ["train.steps=4", "train.log_every=2", "train.val_every=2", "data.num_train=8", "data.num_val=4"]
+
+
+def _jsonl_scalars(run_dir) -> dict[tuple[str, int], float]:
+    return {(f"{r['split']}/{name}", r["step"]): float(value) for r in read_metrics(run_dir)
+            for name, value in r.items() if name not in ("step", "split") and isinstance(value, (int, float))}
+
+
+def test_mlflow_file_store_records_the_same_scalars_and_the_mask_pictures(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    run_dir = tmp_path / "run"
+    train(apply_overrides(get_preset("smoke"), [*SHORT, "train.loggers=tensorboard,mlflow"]), run_dir)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    run_id = json.loads((run_dir / "loggers.json").read_text())["mlflow"]
+    expected = _jsonl_scalars(run_dir)
+    logged = {(name, m.step): m.value for name in {key for key, _ in expected}
+              for m in client.get_metric_history(run_id, name)}
+    assert logged.keys() == expected.keys()
+    assert all(logged[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
+    assert client.get_run(run_id).data.params["model.num_slots"] == str(get_preset("smoke").model.num_slots)
+    pictures = [artifact.path for artifact in client.list_artifacts(run_id, "images")]
+    assert sum(path.startswith("images/val~masks+step+") and path.endswith(".png") for path in pictures) == 2
+
+
+def test_wandb_offline_records_the_same_scalars(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    train(apply_overrides(get_preset("smoke"), [*SHORT, "train.loggers=wandb"]), run_dir)
+
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    logged, pictures = {}, 0
+    for history in _wandb_history(files[0].read_bytes()):
+        step = int(history.pop("_step"))
+        pictures += history.get("val/masks/_type") == "image-file"
+        logged.update({(name, step): value for name, value in history.items()
+                       if not name.startswith(("_", "val/masks")) and isinstance(value, (int, float))})
+    assert pictures == 2
+    expected = _jsonl_scalars(run_dir)
+    assert logged.keys() == expected.keys()
+    assert all(logged[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
+
+
+def _wandb_history(data: bytes) -> list[dict]:
+    """The ``wandb.log`` records of an offline run's ``.wandb`` file: a LevelDB-style log (a 7-byte file header, then
+    32 KiB blocks of chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last) of
+    protobuf ``Record`` messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    assert data[:4] == b":W&B"
+    block, index, chunk, histories = 32768, 7, b"", []
+    while index + 7 <= len(data):
+        if block - index % block < 7:  # a block's tail too short for a header is padding
+            index += block - index % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[index:index + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk += data[index + 7:index + 7 + length]
+        index += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                histories.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                                  for item in record.history.item})
+    return histories
+
+
+def test_tensorboard_gets_the_mask_pictures(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir = tmp_path / "run"
+    train(apply_overrides(get_preset("smoke"), SHORT), run_dir)
+    events = event_accumulator.EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("val/masks")] == [2, 4]
+    assert [s.step for s in events.Scalars("val/fg_ari")] == [2, 4]
+
+
+def test_an_unknown_logger_is_an_error_line(capsys, tmp_path):
+    with pytest.raises(UserError, match="unknown logger 'neptune'"):
+        apply_overrides(get_preset("smoke"), ["train.loggers=tensorboard,neptune"])
+    code, _, err = run(capsys, "train", "--preset", "smoke", "--set", "train.loggers=neptun", "--out",
+                       str(tmp_path / "r"))
+    assert code == 2
+    assert_one_error_line(err, "train.loggers", "neptun")
+    assert not (tmp_path / "r").exists()
