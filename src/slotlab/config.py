@@ -138,6 +138,25 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class SlateConfig:
+    """SLATE (Singh et al. 2022): a dVAE over 4x4 patches (task ``dvae``), then slots decoded by an autoregressive
+    transformer over its tokens (task ``slate``). The ``dvae_*`` / ``vocab_size`` / ``tau_*`` keys describe the dVAE;
+    a ``slate`` run copies them from ``dvae_run`` when it starts."""
+
+    vocab_size: int = _field(1024, lo=2, hi=65536)  # V, tokens of the dVAE
+    dvae_channels: int = _field(64, lo=1, hi=4096)  # width of the dVAE's CNNs
+    tau_start: float = _field(1.0, gt=0.0)  # Gumbel-softmax temperature at step 0
+    tau_end: float = _field(0.1, gt=0.0)  # temperature after tau_steps (cosine annealing)
+    tau_steps: int = _field(30_000, lo=1)
+    dvae_run: str = ""  # run directory of a trained dVAE (task=dvae); empty = an untrained one (tests only)
+    d_model: int = _field(192, lo=1, hi=8192)  # width of the token embedding and of the transformer
+    num_layers: int = _field(4, lo=1, hi=64)  # transformer decoder blocks
+    num_heads: int = _field(4, lo=1, hi=256)
+    dropout: float = _field(0.1, lo=0.0, hi=0.99)
+    temperature: float = _field(0.0, lo=0.0, hi=100.0)  # sampling: 0 = greedy, else softmax(logits / temperature)
+
+
+@dataclass(frozen=True)
 class SetPredConfig:
     """Set property prediction head (Slot Attention paper, section 4.2)."""
 
@@ -182,7 +201,8 @@ class Config:
     """Everything that defines a run."""
 
     preset: str = "custom"
-    task: str = _field("autoencoder", choices=("autoencoder", "vae", "slot_diffusion", "setpred"))
+    task: str = _field("autoencoder", choices=("autoencoder", "vae", "slot_diffusion", "setpred", "dvae",
+                                                          "slate"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -190,6 +210,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     setpred: SetPredConfig = field(default_factory=SetPredConfig)
+    slate: SlateConfig = field(default_factory=SlateConfig)
 
 
 # Overrides that --resume accepts: they change how long and how observably a run goes on, never what it computes.
@@ -390,6 +411,65 @@ def _slotdiffusion_clevrtex() -> Config:
         train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, schedule="warmup_cosine", warmup_steps=5000,
                           val_every=5000, val_batches=16, log_every=100, ckpt_every=2000),
     )
+
+@preset("dvae-smoke")
+def _dvae_smoke() -> Config:
+    """SLATE's stage 1 at smoke size: 16x16 images -> 4x4 tokens of a 16-word vocabulary (tests)."""
+    return replace(_smoke(), task="dvae", slate=SlateConfig(vocab_size=16, dvae_channels=8, tau_steps=2))
+
+
+@preset("slate-smoke")
+def _slate_smoke() -> Config:
+    """SLATE at smoke size: a one-block transformer over the 16 tokens of an untrained dVAE (tests)."""
+    return replace(_smoke(), task="slate",
+                   slate=replace(_dvae_smoke().slate, d_model=16, num_layers=1, num_heads=2, dropout=0.0))
+
+
+@preset("dvae-sprites")
+def _dvae_sprites() -> Config:
+    """SLATE's dVAE on the CPU demo's sprites: 32x32 -> 8x8 tokens of 512 words, a 3-minute budget on 2 cores."""
+    base = _sprites_cpu()
+    return replace(base, task="dvae", slate=SlateConfig(vocab_size=512, dvae_channels=64, tau_steps=2000),
+                   train=replace(base.train, time_budget=3.0, lr=1e-3, warmup_steps=100))
+
+
+@preset("slate-sprites")
+def _slate_sprites() -> Config:
+    """SLATE on CPU, stage 2 on a dvae-sprites run (--set slate.dvae_run=RUN): sprites-cpu's Slot Attention, a
+    4-block transformer, a 6-minute budget, so that dVAE + SLATE take sprites-cpu's 9 minutes."""
+    base = _sprites_cpu()
+    return replace(base, task="slate",
+                   slate=replace(_dvae_sprites().slate, dvae_run="runs/dvae-sprites", d_model=128, num_layers=4,
+                                 num_heads=4, dropout=0.1),
+                   train=replace(base.train, time_budget=6.0, lr=3e-4, warmup_steps=200))
+
+
+@preset("dvae-clevrtex")
+def _dvae_clevrtex() -> Config:
+    """SLATE's dVAE, GPU recipe: 128x128 tex scenes -> 32x32 tokens of 1024 words, tau 1 -> 0.1 over 30k steps."""
+    base = _clevrtex()
+    return replace(
+        base, task="dvae", slate=SlateConfig(vocab_size=1024, dvae_channels=64, tau_start=1.0, tau_end=0.1,
+                                             tau_steps=30_000),
+        train=TrainConfig(steps=100_000, batch_size=64, lr=3e-4, schedule="warmup_cosine", warmup_steps=1000,
+                          val_every=2000, val_batches=16, log_every=100, ckpt_every=2000),
+    )
+
+
+@preset("slate-clevrtex")
+def _slate_clevrtex() -> Config:
+    """SLATE, GPU recipe (Singh et al. 2022's settings): K=11 slots of 192, d_model 192, 4 blocks, 4 heads, dropout
+    0.1, lr 3e-4 with a 30k-step warm-up, batch 64, 250k steps, on the tokens of runs/dvae-clevrtex."""
+    base = _clevrtex()
+    return replace(
+        base, task="slate",
+        model=replace(base.model, input_dim=192, slot_dim=192, slot_hidden_dim=192, iters=3),
+        slate=replace(_dvae_clevrtex().slate, dvae_run="runs/dvae-clevrtex", d_model=192, num_layers=4, num_heads=4,
+                      dropout=0.1),
+        train=TrainConfig(steps=250_000, batch_size=64, lr=3e-4, schedule="warmup_cosine", warmup_steps=30_000,
+                          val_every=5000, val_batches=16, log_every=100, ckpt_every=2000, grad_clip=1.0),
+    )
+
 
 @preset("setpred-smoke")
 def _setpred_smoke() -> Config:
@@ -626,6 +706,12 @@ def _check_relations(config: Config) -> None:
     unknown = [name for name in train.loggers.split(",") if name.strip() and name.strip() not in LOGGERS]
     if unknown:
         raise UserError(f"train.loggers={train.loggers!r}: unknown logger {unknown[0]!r}; known: {', '.join(LOGGERS)}")
+    if config.task in ("dvae", "slate") and data.resolution % 4:
+        raise UserError(f"data.resolution={data.resolution} must be a multiple of 4 for {config.task} (one token per "
+                        "4x4 patch)")
+    if config.slate.d_model % config.slate.num_heads:
+        raise UserError(f"slate.d_model={config.slate.d_model} must be a multiple of slate.num_heads="
+                        f"{config.slate.num_heads}")
     device = train.device
     if not (device in ("auto", "cpu", "mps", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UserError(f"train.device={device!r}: expected auto, cpu, cuda, cuda:N or mps")

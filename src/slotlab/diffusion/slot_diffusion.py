@@ -29,6 +29,7 @@ from slotlab.diffusion.sampling import SAMPLERS, check_steps, sample, sampling_s
 from slotlab.diffusion.vae import ImageVAE, norm_groups
 from slotlab.errors import UserError
 from slotlab.models import AutoencoderOutput, DecoderOutput, GroupingOutput, ImageEncoder, build_grouping
+from slotlab.models.slot_attention import attention_masks
 
 
 class IdentityLatents(nn.Module):
@@ -83,15 +84,6 @@ def build_denoiser(config: Config, latent_size: int, latent_channels: int) -> UN
         attention_head_dim=heads,  # diffusers reads this as the number of heads (its issue #2011)
         norm_num_groups=norm_groups(channels),
     )
-
-
-def attention_masks(attn: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
-    """Slot Attention maps ``[B, K, N]`` -> soft masks ``[B, K, H, W]`` (bilinear upsampling, summing to 1 over K)."""
-    b, k, _ = attn.shape
-    maps = attn.reshape(b, k, *feature_size)  # [B, K, h, w]
-    if tuple(feature_size) != tuple(image_size):
-        maps = F.interpolate(maps, size=image_size, mode="bilinear", align_corners=False)  # [B, K, H, W]
-    return maps / maps.sum(dim=1, keepdim=True).clamp_min(1e-8)  # [B, K, H, W]
 
 
 class SlotDiffusion(nn.Module):

@@ -17,10 +17,11 @@ from slotlab.models import (  # noqa: F401 - register grouping modules on import
 from slotlab.models.autoencoder import AutoencoderOutput, SlotAutoencoder
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ENCODERS, ImageEncoder, SoftPositionEmbed, position_grid
+from slotlab.models.slate import DiscreteVAE, Slate
 from slotlab.models.slot_attention import GROUPINGS, SLOT_INITS, GroupingOutput, SlotAttention, build_grouping
 
 __all__ = [
-    "AutoencoderOutput", "DecoderOutput", "ENCODERS", "GROUPINGS", "GroupingOutput", "ImageEncoder", "SLOT_INITS",
-    "SlotAttention", "SlotAutoencoder", "SoftPositionEmbed", "SpatialBroadcastDecoder", "build_grouping",
-    "position_grid",
+    "AutoencoderOutput", "DecoderOutput", "DiscreteVAE", "ENCODERS", "GROUPINGS", "GroupingOutput", "ImageEncoder",
+    "SLOT_INITS", "Slate", "SlotAttention", "SlotAutoencoder", "SoftPositionEmbed", "SpatialBroadcastDecoder",
+    "build_grouping", "position_grid",
 ]

@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from slotlab.models.noise import batch_randn
 from slotlab.registry import Registry
@@ -196,3 +197,11 @@ def build_grouping(cfg) -> nn.Module:
     """The grouping module named by ``cfg.grouping`` (a :class:`~slotlab.config.ModelConfig`)."""
     return GROUPINGS.build(cfg.grouping, cfg)
 
+
+def attention_masks(attn: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+    """Slot Attention maps ``[B, K, N]`` -> soft masks ``[B, K, H, W]`` (bilinear upsampling, summing to 1 over K)."""
+    b, k, _ = attn.shape
+    maps = attn.reshape(b, k, *feature_size)  # [B, K, h, w]
+    if tuple(feature_size) != tuple(image_size):
+        maps = F.interpolate(maps, size=image_size, mode="bilinear", align_corners=False)  # [B, K, H, W]
+    return maps / maps.sum(dim=1, keepdim=True).clamp_min(1e-8)  # [B, K, H, W]

@@ -11,6 +11,8 @@ batches (an :class:`Evaluator`: ``update(batch)`` per batch, ``summary()`` at th
 ``vae``             :class:`~slotlab.diffusion.vae.ImageVAE`            MSE, PSNR
 ``slot_diffusion``  :class:`~slotlab.diffusion.SlotDiffusion`           ARI, FG-ARI, mIoU, mBO, MSE
 ``setpred``         :class:`~slotlab.models.set_prediction.SetPredictionModel`  AP at distance thresholds
+``dvae``            :class:`~slotlab.models.DiscreteVAE` (SLATE stage 1)  MSE, PSNR
+``slate``           :class:`~slotlab.models.Slate`                      ARI, FG-ARI, mIoU, mBO, MSE
 ==================  =================================================  =====================================
 
 Task modules are imported only when their task is asked for, so that heavy optional parts (diffusers) load only for
@@ -39,6 +41,8 @@ TASK_MODULES = {
     "vae": "slotlab.tasks.vae",
     "slot_diffusion": "slotlab.tasks.slot_diffusion",
     "setpred": "slotlab.tasks.set_prediction",
+    "dvae": "slotlab.tasks.slate",
+    "slate": "slotlab.tasks.slate",
 }
 _TASKS: dict[str, type[Task]] = {}
 
