@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from slotlab.config import get_preset, load_config  # noqa: E402
+from slotlab.config import get_preset  # noqa: E402
 from slotlab.runs import choose_checkpoint, eval_dir, read_metrics  # noqa: E402
 
 PRESETS = ("tetrominoes-cpu", "multi-dsprites-cpu", "clevr6-cpu", "sprites-cpu")
@@ -83,7 +83,8 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str]) -> dict:
     return {
         "preset": preset, "seed": seed, "run_dir": str(run_dir),
         "dataset": get_preset(preset).data.name,
-        "budget_minutes": load_config(run_dir / "config.json").train.time_budget,
+        # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
+        "budget_minutes": json.loads((run_dir / "config.json").read_text())["train"]["time_budget"],
         "steps": train[-1]["step"] if train else 0,
         "train_minutes": train[-1].get("train_minutes", float("nan")) if train else 0.0,
         "images_per_s": sum(speeds) / len(speeds) if speeds else float("nan"),
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
+              f"`python benchmarks/discovery.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     rows = []
     for item in args.presets:  # PRESET, or PRESET:SEED,SEED to give that preset its own seeds
         preset, _, seed_list = item.partition(":")
@@ -152,11 +155,10 @@ def main(argv: list[str] | None = None) -> None:
             overrides.append(f"train.time_budget={get_preset(preset).train.time_budget * args.budget_scale:g}")
         for seed in seeds:
             rows.append(run_one(preset, seed, Path(args.runs), overrides))
+            # written after every run, so that a stopped queue leaves the table of what finished
             (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
-    header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
-              f"`python benchmarks/discovery.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
-    (out / "discovery.md").write_text(markdown(rows, header))
-    figure(rows, out / "discovery.png")
+            (out / "discovery.md").write_text(markdown(rows, header))
+            figure(rows, out / "discovery.png")
     print(markdown(rows, header))
 
 
