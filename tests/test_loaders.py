@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,7 +205,7 @@ def test_split_folders_and_single_channel_masks(tmp_path):
             Image.fromarray(ids).save(tmp_path / split / "masks" / f"{i}.png")
     train = ImageFolder(tmp_path, "train", resolution=32, max_objects=2)
     val = ImageFolder(tmp_path, "val", resolution=32)
-    assert (len(train), len(val), train.info["split_by"]) == (3, 2, "folders")
+    assert (len(train), len(val), train.info["split_by"]) == (3, 2, "the train/ folder")
     assert set(np.unique(val.masks[0])) == {0, 4, 9}  # ids kept as stored
     assert len(ImageFolder(tmp_path, "train", resolution=32, max_objects=1)) == 0
 
@@ -243,10 +244,13 @@ def test_cache_matches_decoding_and_follows_file_changes(clevrtex_root, monkeypa
     assert not (clevrtex_root / cached.info["cache_dir"]).exists()
     assert not np.array_equal(changed.images[0], plain.images[0])
 
+    # The cache is never inside the data folder.
+    changed_dir = Path(changed.info["cache_dir"])
+    assert changed_dir.is_dir() and not changed_dir.resolve().is_relative_to(clevrtex_root.resolve())
+
     # A damaged cache (derived data) is rebuilt.
     del changed, again
-    (clevrtex_root / "clevrtex_full" / ".slotlab_cache").glob("*")
-    images_bin = next((clevrtex_root / "clevrtex_full" / ".slotlab_cache").glob("*/images.bin"))
+    images_bin = changed_dir / "images.bin"
     with open(images_bin, "r+b") as handle:
         handle.truncate(100)
     rebuilt = CLEVRTex(clevrtex_root, "full", "train", resolution=16, cache=True)
@@ -402,3 +406,22 @@ def test_unknown_metadata_values_are_kept_as_unknown(clevrtex_root, capsys, tmp_
     assert torch.isfinite(trainer.train_step()["loss"])
     with pytest.raises(UserError, match="set prediction needs every object's properties.*PoliigonBrandNew001"):
         Trainer(apply_overrides(get_preset("setpred-smoke"), settings), tmp_path / "setpred")
+
+
+def test_a_folder_dataset_keeps_every_image_uncropped_and_says_how_it_is_split(tmp_path, capsys):
+    from slotlab.train.loop import train as train_run
+
+    colour_folder(tmp_path / "data")
+    switch = ["data.name=folder", f"data.root={tmp_path / 'data'}"]
+    config = apply_overrides(get_preset("smoke"), switch)
+    assert (config.data.max_objects, config.data.crop) == (0, 1.0)  # not the sprites' 6 objects, not a 0.8 crop
+    assert apply_overrides(get_preset("smoke"), [*switch, "data.crop=0.8"]).data.crop == 0.8  # unless asked
+
+    before = sorted(p.name for p in (tmp_path / "data").iterdir())
+    train_run(apply_overrides(config, ["train.steps=1", "data.resolution=16", "model.decoder_grid=4"]),
+              tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "8 train / 1 val images" in out
+    assert "train split by file order: train is files 20%-100% of 10 sorted by name" in out
+    assert "cache: " in out and str(tmp_path / "data") not in out.split("cache: ")[1].splitlines()[0]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before  # nothing written into the data folder

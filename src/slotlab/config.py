@@ -542,14 +542,29 @@ def _parse_value(text: str, type_: Any, key: str) -> Any:
     raise UserError(f"{key}: cannot set a value of type {type_}")
 
 
+# A user's own image folder keeps every image and all of each image (the sprites' object limit and CLEVRTex's
+# centre crop are properties of those datasets): what switching data.name to folder sets, unless the same overrides
+# set these keys too.
+FOLDER_DEFAULTS = {"max_objects": 0, "crop": 1.0}
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` strings, checking each key exists and each value parses as the field's type."""
+    """Apply ``section.key=value`` strings, checking each key exists and each value parses as the field's type.
+
+    Switching ``data.name`` to ``folder`` also sets :data:`FOLDER_DEFAULTS` (all objects, no crop) for the keys
+    that ``overrides`` leave alone.
+    """
+    keys = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         path = key.strip().split(".")
+        keys.append(".".join(path))
         config = _set_path(config, path, text, key)
+    if "data.name" in keys and config.data.name == "folder":
+        defaults = {name: value for name, value in FOLDER_DEFAULTS.items() if f"data.{name}" not in keys}
+        config = replace(config, data=replace(config.data, **defaults))
     return check_config(config)
 
 

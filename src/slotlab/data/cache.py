@@ -7,8 +7,9 @@ runs it over the split in worker processes (PNG decoding holds the GIL, threads 
 
 With ``data.cache=true`` the stacked arrays are written once under ``CACHE_ROOT/<key>/`` as raw uint8 / float32 /
 int64 files plus ``meta.json``, and every later run memory-maps them: a training batch is then one fancy index into
-the page cache, thousands of images per second, with no decoding. ``CACHE_ROOT`` is ``$SLOTLAB_CACHE_DIR`` if set,
-else ``<data root>/.slotlab_cache`` when writable, else ``~/.cache/slotlab``. The key holds the loader settings and
+the page cache, thousands of images per second, with no decoding. ``CACHE_ROOT`` is outside the data folder (which
+slotlab never writes into): ``$SLOTLAB_CACHE_DIR/datasets/<folder name>-<hash of its path>``, by default under the
+user's cache folder (``$XDG_CACHE_HOME/slotlab``, i.e. ``~/.cache/slotlab``). The key holds the loader settings and
 a fingerprint of the source files (names, sizes, modification times), so a changed dataset gets a new cache and the
 stale one is removed.
 """
@@ -166,15 +167,20 @@ def _open_arrays(directory: Path, specs: dict[str, ArraySpec], count: int) -> di
 
 
 # ---------------------------------------------------------------------------------------------------- the cache
+def user_cache_dir() -> Path:
+    """slotlab's cache folder: ``$SLOTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/slotlab`` (by default
+    ``~/.cache/slotlab``)."""
+    root = os.environ.get("SLOTLAB_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slotlab"
+
+
 def cache_root(data_root: Path) -> Path:
-    """Where caches of datasets under ``data_root`` live (see module docstring)."""
-    if os.environ.get("SLOTLAB_CACHE_DIR"):
-        return Path(os.environ["SLOTLAB_CACHE_DIR"])
-    data_root = Path(data_root)
-    if data_root.is_dir() and os.access(data_root, os.W_OK):
-        return data_root / ".slotlab_cache"
-    digest = hashlib.sha1(str(data_root.resolve()).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "slotlab" / digest
+    """Where caches of the dataset in ``data_root`` live: in the user's cache folder, never in the data folder."""
+    data_root = Path(data_root).resolve()
+    digest = hashlib.sha1(str(data_root).encode()).hexdigest()[:12]
+    return user_cache_dir() / "datasets" / f"{data_root.name}-{digest}"
 
 
 def fingerprint(sources: Sequence[Source], settings: dict[str, Any]) -> str:
@@ -284,12 +290,8 @@ def cache_dataset(data_cfg, splits: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- procedural data
 def procedural_cache_dir() -> Path:
-    """Where splits drawn by slotlab's generators are kept: ``$SLOTLAB_CACHE_DIR``, else the user's cache folder
-    (``$XDG_CACHE_HOME/slotlab``, by default ``~/.cache/slotlab``)."""
-    root = os.environ.get("SLOTLAB_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slotlab"
-    return Path(root) / "procedural"
+    """Where splits drawn by slotlab's generators are kept: ``procedural/`` in :func:`user_cache_dir`."""
+    return user_cache_dir() / "procedural"
 
 
 def cached_generation(kind: str, settings: dict[str, Any], make: Callable[[], tuple], cache: bool = True) -> tuple:

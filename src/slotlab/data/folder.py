@@ -198,7 +198,10 @@ class ImageFolder(ArrayDataset):
             settings={"loader": "folder", "version": LOADER_VERSION, "resolution": resolution, "crop": crop,
                       "background": background},
             cache=cache, max_objects=max_objects, skip_bad=skip_bad, workers=workers, desc=f"folder {split}")
-        info = {"name": "folder", "root": str(root), "split": split, "split_by": "folders" if by_folder else "fraction",
+        start, stop = SPLITS[split]
+        split_by = (f"the {split}/ folder" if by_folder else
+                    f"file order: {split} is files {start:.0%}-{stop:.0%} of {len(image_of)} sorted by name")
+        info = {"name": "folder", "root": str(root), "split": split, "split_by": split_by,
                 "resolution": resolution, "crop": crop, "max_objects": max_objects,
                 "skipped_files": problems + prepared.skipped, "source_index": prepared.source_index,
                 "image_files": [str(image_of[int(i)]) for i in prepared.source_index],

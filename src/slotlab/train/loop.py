@@ -453,7 +453,11 @@ class Trainer:
         return (f"slotlab train: preset {config.preset} (task {config.task}, {config.model.num_slots} slots) on "
                 f"{config.data.name} {config.data.resolution}x{config.data.resolution}: {len(self.train_set)} train / "
                 f"{len(self.val_set)} val images; {length}{start} at batch {cfg.batch_size}; device {self.device} "
-                f"({torch.get_num_threads()} threads); run directory {self.run_dir}")
+                f"({torch.get_num_threads()} threads); run directory {self.run_dir}"
+                + "".join(f"\n  {name} split by {dataset.info['split_by']}"
+                          for name, dataset in (("train", self.train_set), ("val", self.val_set))
+                          if "split_by" in dataset.info)
+                + (f"\n  cache: {self.train_set.info['cache_dir']}" if self.train_set.info.get("cache_dir") else ""))
 
     def summary(self, last_val: dict[str, Any]) -> str:
         """The closing lines: where the run stands, where its files are, what to run next."""
