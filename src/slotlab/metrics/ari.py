@@ -27,19 +27,20 @@ _CPU_CHUNK_PIXELS = 1 << 20
 def mask_ids(pred: torch.Tensor) -> torch.Tensor:
     """Predicted masks ``[B, K, H, W]`` -> ids ``[B, H, W]`` by argmax over slots; ids pass through unchanged.
 
-    Ties go to the lowest slot, as with ``argmax``. On a CPU the argmax runs as K passes over contiguous
-    ``[B, H, W]`` slices: ``argmax(dim=1)`` reduces over a strided axis there and costs about 4x more (more than the
-    ARI itself).
+    Ties go to the lowest slot, as with ``argmax``. On a CPU, ``argmax(dim=1)`` reduces over a strided axis and costs
+    more than the ARI itself; here the largest value per pixel comes from ``amax`` (a fast reduction), and K
+    comparisons with it over contiguous ``[B, H, W]`` slices, from the last slot to the first, name its slot:
+    about 4x faster than ``argmax`` on 2 cores.
     """
     if pred.dim() == 4:
         if pred.device.type != "cpu" or pred.shape[1] > 255:
             return pred.argmax(dim=1)
-        best = pred[:, 0].clone()  # [B, H, W] the largest mask value so far
-        ids = torch.zeros(best.shape, dtype=torch.uint8)  # [B, H, W] its slot
-        for k in range(1, pred.shape[1]):
-            value = pred[:, k]
-            ids.masked_fill_(value > best, k)
-            torch.maximum(best, value, out=best)
+        largest = pred.amax(dim=1)  # [B, H, W]
+        ids = torch.zeros(largest.shape, dtype=torch.uint8)  # [B, H, W]
+        is_largest = torch.empty(largest.shape, dtype=torch.bool)  # [B, H, W], reused by every slot
+        for k in range(pred.shape[1] - 1, -1, -1):  # the lowest slot holding the largest value writes last
+            torch.eq(pred[:, k], largest, out=is_largest)
+            ids.masked_fill_(is_largest, k)
         return ids
     if pred.dim() == 3:
         return pred.long()
