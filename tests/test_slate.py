@@ -12,6 +12,7 @@ from cli_helpers import run
 from slotlab.config import apply_overrides, get_preset
 from slotlab.generate.compose import compose
 from slotlab.models import DiscreteVAE, Slate
+from slotlab.runs import read_metrics
 from slotlab.train.loop import train
 
 SHORT = ["train.steps=2", "train.val_every=2", "data.num_train=8", "data.num_val=4"]
@@ -92,6 +93,8 @@ def test_a_slate_run_goes_through_eval_report_compose_and_mix(tmp_path, capsys, 
     train(apply_overrides(get_preset("slate-smoke"), [*SHORT, f"slate.dvae_run={dvae_run}"]), slate_run)
     config = json.loads((slate_run / "config.json").read_text())
     assert config["slate"]["vocab_size"] == 16  # copied from the dVAE run
+    validation = [r for r in read_metrics(slate_run) if r["split"] == "val"]
+    assert validation and all("fg_ari" in r and "mbo" in r for r in validation)  # masks scored while training
     monkeypatch.chdir(tmp_path)
     for command in (["eval", str(dvae_run), "--device", "cpu"], ["eval", str(slate_run), "--device", "cpu"],
                     ["report", str(slate_run)],

@@ -102,7 +102,7 @@ class ObjectDiscoveryEvaluator:
             self.preview = mask_preview(images, masks, recons, true)
 
     def summary(self) -> dict[str, Any]:
-        metrics = self.metrics.compute() if self.metrics.count else {}
+        metrics = self.metrics.compute()  # empty without images; ARI alone for masks_only
         if self.out_dir is not None and self.rows:
             _write_csv(self.rows, self.out_dir / "per_image.csv")
             ranked_by = "ARI" if "mask" in self.first[0] else "MSE"
