@@ -19,7 +19,7 @@ Usage::
 
     nice .venv/bin/python benchmarks/train_step.py                       # CPU: both configs, tiny batch at 128x128
     .venv/bin/python benchmarks/train_step.py --device cuda               # GPU: batch 64 / 32, compile on
-    .venv/bin/python benchmarks/train_step.py --device cuda --configs paper --no-compile   # ablation
+    .venv/bin/python benchmarks/train_step.py --device cuda --configs paper --compile off   # ablation
 """
 
 from __future__ import annotations
