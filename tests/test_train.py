@@ -95,7 +95,7 @@ def test_every_preset_with_procedural_data_runs_one_step(name, tmp_path, monkeyp
     monkeypatch.setenv("SLOTLAB_CACHE_DIR", str(tmp_path / "cache"))
     config = apply_overrides(get_preset(name), [
         "train.steps=1", "train.batch_size=2", "train.val_batches=1", "train.compile=false",
-        "data.num_train=4", "data.num_val=2",
+        "data.num_train=4", "data.num_val=2", "slate.dvae_run=",  # SLATE on an untrained dVAE
     ])
     trainer = Trainer(config, tmp_path)
     logs = trainer.train_step()
@@ -140,9 +140,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sig):
 
 
 def _presets_with_data_on_disk() -> list[str]:
-    # The VAE presets come first: the slot-diffusion presets need a trained VAE run.
+    # The first stages (VAE, dVAE) come first: slot diffusion and SLATE start from their runs.
     names = [name for name in list_presets() if get_preset(name).data.name == "clevrtex"]
-    return sorted(names, key=lambda name: get_preset(name).task != "vae")
+    return sorted(names, key=lambda name: get_preset(name).task not in ("vae", "dvae"))
 
 
 def test_every_preset_with_rendered_data_runs_one_step(tmp_path):
@@ -155,20 +155,22 @@ def test_every_preset_with_rendered_data_runs_one_step(tmp_path):
 
     for variant in ("clevr", "tex"):
         render_dataset(variant, 10, tmp_path / "data", seed=0, workers=1, size="60x80")
-    vae_runs: dict[str, Path] = {}
+    vae_runs: dict[tuple[str, str], Path] = {}
     for name in _presets_with_data_on_disk():
         preset = get_preset(name)
         overrides = [f"data.root={tmp_path / 'data'}", "train.steps=1", "train.batch_size=2", "train.val_batches=1",
                      "train.compile=false", "train.device=cpu", "data.cache=false", "data.resolution=32"]
         if preset.task == "slot_diffusion":
-            overrides.append(f"diffusion.vae_run={vae_runs[preset.data.variant]}")
+            overrides.append(f"diffusion.vae_run={vae_runs['vae', preset.data.variant]}")
+        if preset.task == "slate":
+            overrides.append(f"slate.dvae_run={vae_runs['dvae', preset.data.variant]}")
         run_dir = tmp_path / name
         trainer = Trainer(apply_overrides(preset, overrides), run_dir)
         logs = trainer.train_step()
         assert torch.isfinite(logs["loss"]), name
-        if preset.task == "vae":
+        if preset.task in ("vae", "dvae"):
             trainer.save("last")
-            vae_runs[preset.data.variant] = run_dir
+            vae_runs[preset.task, preset.data.variant] = run_dir
 
 
 def test_time_budget_stops_the_run_on_time_and_ends_the_cosine_there(tmp_path):

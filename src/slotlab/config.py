@@ -604,6 +604,17 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"num_slots": 7}}`` -> ``{"model.num_slots": 7}`` (the keys ``--set`` takes)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # Keys older slotlab versions wrote and no code reads any more: skipped when an old config is read.
 REMOVED_KEYS = {"model": ("decoder",), "data": ("num_workers",)}
 

@@ -177,6 +177,20 @@ def load_run(run_dir: Path, checkpoint: str = "last") -> tuple[Config, dict[str,
     return config, state
 
 
+def read_stage_run(run_dir: str, key: str, task: str) -> tuple[Config, dict[str, Any], Path]:
+    """The config, checkpoint (``best``, else ``last``) and weights file of the first-stage run a second stage starts
+    from (a VAE for slot diffusion, a dVAE for SLATE); ``key`` names the config key that points at it in errors."""
+    path = Path(run_dir)
+    try:
+        checkpoint = choose_checkpoint(path, "best")
+        config, state = load_run(path, checkpoint)
+    except UserError as exc:
+        raise UserError(f"{key}={run_dir!r}: {exc}") from None
+    if config.task != task:
+        raise UserError(f"{key}={run_dir!r} is a {config.task!r} run, not a {task} run")
+    return config, state, weights_file(path, checkpoint)
+
+
 def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
     """Config and weights of an exported model folder (safetensors: data only, no pickle)."""
     from safetensors import SafetensorError

@@ -46,18 +46,10 @@ class IdentityLatents(nn.Module):
 
 
 def read_vae_run(run_dir: str) -> tuple[Config, dict, Path]:
-    """The config, checkpoint (``best``, else ``last``) and checkpoint path of a ``task=vae`` run directory."""
-    from slotlab.runs import choose_checkpoint, load_run
+    """The config, checkpoint (``best``, else ``last``) and weights file of a ``task=vae`` run directory."""
+    from slotlab.runs import read_stage_run
 
-    path = Path(run_dir)
-    checkpoint = choose_checkpoint(path, "best")
-    try:
-        vae_config, state = load_run(path, checkpoint)
-    except UserError as exc:
-        raise UserError(f"diffusion.vae_run={run_dir!r}: {exc}") from None
-    if vae_config.task != "vae":
-        raise UserError(f"diffusion.vae_run={run_dir!r} is a {vae_config.task!r} run, not a vae run")
-    return vae_config, state, path / "checkpoints" / f"{checkpoint}.pt"
+    return read_stage_run(run_dir, "diffusion.vae_run", "vae")
 
 
 def build_denoiser(config: Config, latent_size: int, latent_channels: int) -> UNet2DConditionModel:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slotlab.config import flatten_config
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
 from slotlab.runs import find_eval
@@ -38,6 +39,7 @@ METRIC_COLUMNS = (
     Column("FG-ARI", "eval", ("fg_ari",), hint="slotlab eval"),
     Column("mIoU", "eval", ("miou", "mIoU", "miou_fg"), hint="slotlab eval"),
     Column("mBO", "eval", ("mbo", "mBO"), hint="slotlab eval"),
+    Column("MSE", "eval", ("mse",), "{:.4f}", hint="slotlab eval"),
     Column("AP∞ %", "eval", ("ap_inf",), "{:.1f}", 100.0, "slotlab eval (set prediction runs)"),
     Column("AP1 %", "eval", ("ap_1",), "{:.1f}", 100.0, "slotlab eval (set prediction runs)"),
     Column("AP0.5 %", "eval", ("ap_0.5",), "{:.1f}", 100.0, "slotlab eval (set prediction runs)"),
@@ -45,6 +47,7 @@ METRIC_COLUMNS = (
     Column("AP0.125 %", "eval", ("ap_0.125",), "{:.1f}", 100.0, "slotlab eval (set prediction runs)"),
     Column("FID", "compose", ("fid", "fid_compose", "fid_composition", "fid_compositions", "composition_fid"),
            "{:.1f}", hint="slotlab compose"),
+    Column("FID recon", "compose", ("fid_recon",), "{:.1f}", hint="slotlab compose"),
 )
 
 
@@ -193,19 +196,9 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     return table
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(configs: list[dict[str, Any]]) -> dict[str, list[str]]:
     """The config keys whose values differ between runs, with each run's value (in run order)."""
-    flats = [_flatten(config) for config in configs]
+    flats = [flatten_config(config) for config in configs]
     keys = sorted(set().union(*flats)) if flats else []
     return {key: [json.dumps(flat.get(key)) for flat in flats] for key in keys
             if len({json.dumps(flat.get(key)) for flat in flats}) > 1}

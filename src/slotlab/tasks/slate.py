@@ -19,6 +19,7 @@ from slotlab.diffusion.vae import VAEEvaluator
 from slotlab.errors import UserError
 from slotlab.io import load_weights
 from slotlab.models import DiscreteVAE, Slate
+from slotlab.runs import read_stage_run
 from slotlab.tasks import Task, register
 from slotlab.tasks.autoencoder import ObjectDiscoveryEvaluator
 
@@ -26,18 +27,8 @@ DVAE_KEYS = ("vocab_size", "dvae_channels", "tau_start", "tau_end", "tau_steps")
 
 
 def read_dvae_run(run_dir: str) -> tuple[Config, dict, Path]:
-    """The config, checkpoint (``best``, else ``last``) and checkpoint path of a ``task=dvae`` run directory."""
-    from slotlab.runs import choose_checkpoint, load_run
-
-    path = Path(run_dir)
-    try:
-        checkpoint = choose_checkpoint(path, "best")
-        dvae_config, state = load_run(path, checkpoint)
-    except UserError as exc:
-        raise UserError(f"slate.dvae_run={run_dir!r}: {exc}") from None
-    if dvae_config.task != "dvae":
-        raise UserError(f"slate.dvae_run={run_dir!r} is a {dvae_config.task!r} run, not a dvae run")
-    return dvae_config, state, path / "checkpoints" / f"{checkpoint}.pt"
+    """The config, checkpoint (``best``, else ``last``) and weights file of a ``task=dvae`` run directory."""
+    return read_stage_run(run_dir, "slate.dvae_run", "dvae")
 
 
 @register("dvae")

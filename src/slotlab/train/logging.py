@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from slotlab.config import flatten_config
 from slotlab.errors import UserError
 from slotlab.runs import read_metrics
 
@@ -90,7 +91,7 @@ class MlflowLogger:
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         self.run_id = ids["mlflow"] = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        params = [self.entities.Param(key, str(value)[:500]) for key, value in _flatten(config).items()]
+        params = [self.entities.Param(key, str(value)[:500]) for key, value in flatten_config(config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
             self.client.log_batch(self.run_id, params=params[start:start + 100])
 
@@ -166,16 +167,6 @@ def _optional(module: str, extra: str):
     except ImportError:
         message = f"train.loggers names {module}, which is not installed: pip install 'slotlab[{extra}]'"
         raise UserError(message) from None
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _plain(value: Any) -> Any:
