@@ -21,7 +21,7 @@ demo: $(STAMP)
 	else $(BIN)/slotlab train --preset sprites-cpu --out runs/demo; fi
 	$(BIN)/slotlab eval runs/demo
 	$(BIN)/slotlab report runs/demo
-	@echo "demo run: runs/demo -- curves.png, eval/metrics.json, eval/masks.png, eval/slots.png, report.html"
+	@echo "demo run: runs/demo -- curves.png, eval/val-best/ (metrics.json, masks.png, slots.png), report.html"
 
 test: $(STAMP)
 	$(BIN)/lint-imports
