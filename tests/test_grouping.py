@@ -297,3 +297,17 @@ def test_an_autoencoder_with_framed_slots_trains_and_decodes_its_own_slots():
 def test_framed_slots_are_refused_where_they_are_not_supported_yet(preset):
     with pytest.raises(UserError, match="not available"):
         build_model(apply_overrides(get_preset(preset), ["model.grouping=invariant_slot_attention"]))
+
+
+def test_the_mahalanobis_e_step_scores_key_distances_scaled_by_a_key_space_sigma_without_log_determinant():
+    torch.manual_seed(0)
+    smm = SlotMixture(num_slots=3, dim=4, hidden_dim=8, eps=0.0, likelihood="mahalanobis")
+    mu, log_sigma = torch.randn(2, 3, 4), 0.2 * torch.randn(2, 3, 4)
+    log_pi = torch.log_softmax(torch.randn(2, 3, 1), dim=1)
+    k, v = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    _, _, _, resp = smm.step(mu, log_sigma, log_pi, k, v)
+    q = smm.to_q(smm.norm_mu(mu))  # [B, K, D]
+    sigma = smm.to_q(smm.norm_sigma(log_sigma)).exp()  # [B, K, D]
+    distance = (((k.unsqueeze(1) - q.unsqueeze(2)) / sigma.unsqueeze(2)) ** 2).sum(-1)  # [B, K, N]
+    expected = torch.softmax(-distance / smm.temperature + log_pi, dim=1)
+    torch.testing.assert_close(resp, expected, atol=1e-5, rtol=1e-4)

@@ -78,6 +78,8 @@ class ModelConfig:
     # slot_attention | invariant_slot_attention (slots with frames, Biza et al. 2023) | slot_mixture | soft_kmeans
     grouping: str = _field("slot_attention", choices=("slot_attention", "invariant_slot_attention", "slot_mixture",
                                                       "soft_kmeans"))
+    # slot_mixture's E-step: gaussian (log-density, the slides) | mahalanobis (key-space distance, the authors' code)
+    mixture_likelihood: str = _field("gaussian", choices=("gaussian", "mahalanobis"))
     # gaussian (learnable mu, sigma) | learned (K fixed queries) | bo_qsa (learned + implicit_grad)
     slot_init: str = _field("gaussian", choices=("gaussian", "learned", "bo_qsa"))
     # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the

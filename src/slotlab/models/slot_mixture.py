@@ -34,11 +34,11 @@ from slotlab.models.slot_attention import (
 )
 
 
-def gaussian_log_likelihood(points: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """Diagonal Gaussian log-density of every point under every component, without a ``[B, K, N, D]`` tensor.
+def squared_mahalanobis(points: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """``sum_d (x_d - mu_d)^2 / sigma_d^2`` of every point to every component, without a ``[B, K, N, D]`` tensor.
 
-    Expands ``sum_d (x - mu)^2 / sigma^2 = x^2 . s - 2 x . (mu s) + mu^2 . s`` with ``s = sigma^-2`` into two
-    matrix products, so memory stays ``[B, K, N]`` even for 128x128 feature maps.
+    Expands it as ``x^2 . s - 2 x . (mu s) + mu^2 . s`` with ``s = sigma^-2`` into two matrix products, so memory
+    stays ``[B, K, N]`` even for 128x128 feature maps.
 
     Args:
         points: ``[B, N, D]``.
@@ -46,15 +46,20 @@ def gaussian_log_likelihood(points: torch.Tensor, mu: torch.Tensor, log_sigma: t
         log_sigma: ``[B, K, D]`` component log standard deviations.
 
     Returns:
-        ``[B, K, N]`` log N(points_n | mu_k, diag(sigma_k^2)).
+        ``[B, K, N]``, non-negative.
     """
     inv_var = torch.exp(-2.0 * log_sigma)  # [B, K, D]
     squared = (torch.bmm(inv_var, (points**2).transpose(1, 2))  # [B, K, N]
                - 2.0 * torch.bmm(mu * inv_var, points.transpose(1, 2))
                + (mu**2 * inv_var).sum(-1, keepdim=True))
-    squared = squared.clamp_min(0.0)  # the expansion can dip below 0 by rounding
+    return squared.clamp_min(0.0)  # the expansion can dip below 0 by rounding
+
+
+def gaussian_log_likelihood(points: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Diagonal Gaussian log-density ``[B, K, N]`` of every point ``[B, N, D]`` under every component (means and
+    log standard deviations ``[B, K, D]``): ``log N(points_n | mu_k, diag(sigma_k^2))``."""
     log_norm = log_sigma.sum(-1, keepdim=True) + 0.5 * points.shape[-1] * math.log(2 * math.pi)  # [B, K, 1]
-    return -0.5 * squared - log_norm  # [B, K, N]
+    return -0.5 * squared_mahalanobis(points, mu, log_sigma) - log_norm  # [B, K, N]
 
 
 def log_responsibilities(log_likelihood: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
@@ -86,6 +91,11 @@ class SlotMixture(nn.Module):
         input_dim: D_inputs (defaults to ``dim``).
         slot_init: ``"gaussian"``, ``"learned"`` (see :data:`SLOT_INITS`); it initialises ``concat(mu, log_sigma)``.
         detach_last: BO-QSA's bi-level trick, as in :class:`~slotlab.models.slot_attention.SlotAttention`.
+        likelihood: the E-step's score of input n for slot k. ``"gaussian"`` (the slides' pseudocode): the diagonal
+            Gaussian log-density of the key under ``(q(mu), sigma)``, log-determinant included. ``"mahalanobis"``
+            (the authors' code): minus the squared distance of the key to ``q(mu)`` scaled by a key-space sigma
+            ``q(norm(log_sigma))``, with no log-determinant, so a slot with a tight cluster of values gets no bonus
+            for it.
 
     Example:
         >>> smm = SlotMixture(num_slots=5, dim=32)
@@ -95,8 +105,12 @@ class SlotMixture(nn.Module):
     """
 
     def __init__(self, num_slots: int, dim: int, iters: int = 3, hidden_dim: int = 128, eps: float = 1e-8,
-                 input_dim: int | None = None, slot_init: str = "gaussian", detach_last: bool = False):
+                 input_dim: int | None = None, slot_init: str = "gaussian", detach_last: bool = False,
+                 likelihood: str = "gaussian"):
         super().__init__()
+        if likelihood not in ("gaussian", "mahalanobis"):
+            raise ValueError(f"unknown likelihood {likelihood!r} (gaussian, mahalanobis)")
+        self.likelihood = likelihood
         input_dim = input_dim or dim
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         # The log-likelihood sums D terms; like Slot Attention's 1/sqrt(D) on the dot product, this temperature keeps
@@ -112,6 +126,8 @@ class SlotMixture(nn.Module):
         self.gru = nn.GRUCell(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
         self.to_slot = nn.Linear(2 * dim, dim)  # concat(mu, log_sigma) -> slot
+        if likelihood == "mahalanobis":
+            self.norm_sigma = nn.LayerNorm(dim)  # reads log_sigma into the key space through to_q
 
     def step(self, mu: torch.Tensor, log_sigma: torch.Tensor, log_pi: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +137,12 @@ class SlotMixture(nn.Module):
         # The E-step and the second moments are computed in fp32 even under bf16 autocast: they subtract large,
         # nearly equal numbers (see gaussian_log_likelihood) and exponentiate the result.
         with torch.autocast(device_type=k.device.type, enabled=False):
-            log_lik = gaussian_log_likelihood(k.float(), q.float(), log_sigma.float()) / self.temperature  # [B, K, N]
+            if self.likelihood == "gaussian":
+                log_lik = gaussian_log_likelihood(k.float(), q.float(), log_sigma.float())  # [B, K, N]
+            else:
+                key_log_sigma = self.to_q(self.norm_sigma(log_sigma)).float()  # [B, K, D]
+                log_lik = -squared_mahalanobis(k.float(), q.float(), key_log_sigma)  # [B, K, N]
+            log_lik = log_lik / self.temperature
             log_resp = log_responsibilities(log_lik, log_pi.float())  # [B, K, N]
             resp = log_resp.exp()  # [B, K, N], sums to 1 over K
             weights = resp + self.eps
@@ -169,8 +190,8 @@ class SlotMixture(nn.Module):
 def _build_slot_mixture(cfg) -> SlotMixture:
     return SlotMixture(
         num_slots=cfg.num_slots, dim=cfg.slot_dim, iters=cfg.iters, hidden_dim=cfg.slot_hidden_dim, eps=cfg.eps,
-        input_dim=cfg.input_dim, **init_options(cfg),
+        input_dim=cfg.input_dim, likelihood=cfg.mixture_likelihood, **init_options(cfg),
     )
 
 
-__all__ = ["SlotMixture", "gaussian_log_likelihood", "log_responsibilities"]
+__all__ = ["SlotMixture", "gaussian_log_likelihood", "log_responsibilities", "squared_mahalanobis"]
