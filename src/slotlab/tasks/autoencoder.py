@@ -74,6 +74,8 @@ class ObjectDiscoveryEvaluator:
     def update(self, batch: dict[str, torch.Tensor], indices: np.ndarray) -> None:
         true = batch.get("mask")
         if self.masks_only:
+            if true is None and self.preview is not None:
+                return  # nothing to score, and the picture is taken: no need to run the encoder
             masks = self.model.predict_masks(batch["image"]).float()
             if true is not None:
                 self.metrics.update(masks, true)
