@@ -101,3 +101,17 @@ def test_train_says_what_it_does_and_where_the_files_are(tmp_path, capsys):
     import json
 
     assert json.loads((tmp_path / "run/config.json").read_text())["train"]["warmup_steps"] == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_the_cpu_is_said_and_warned_about_where_it_is_emulated(native, tmp_path, capsys, monkeypatch):
+    from slotlab.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    code, out, err = run(capsys, "train", "--preset", "smoke", "--set", "train.precision=bf16", "--set",
+                         "train.device=cpu", "--out", str(tmp_path / "run"))
+    assert code == 0 and "threads, bf16); run directory" in out
+    assert ("without native bf16" in err) is (not native)
+    code, out, _ = run(capsys, "train", "--preset", "smoke", "--set", "train.device=cpu", "--out",
+                       str(tmp_path / "fp32"))
+    assert code == 0 and "threads, fp32); run directory" in out

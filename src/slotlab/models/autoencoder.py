@@ -58,7 +58,7 @@ class SlotAutoencoder(nn.Module):
             self.encoder.pos = nn.Identity()
         self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
                                                cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
-                                               frames=self.frames)
+                                               frames=self.frames, octaves=cfg.decoder_octaves)
         self.num_slots = cfg.num_slots
         # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
         # decode(), slot libraries, composition and mixing see one tensor.

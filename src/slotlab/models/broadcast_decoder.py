@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slotlab.models.encoders import SoftPositionEmbed
+from slotlab.models.encoders import SoftPositionEmbed, fourier_features
 
 
 @dataclass
@@ -40,18 +40,22 @@ class SpatialBroadcastDecoder(nn.Module):
             multi-dSprites decoder, where no upsampling happens and the small receptive field ties a slot to a place).
         kernel: kernel size of the stride-1 layers at full resolution.
         full_res_layers: number of stride-1 layers (each ``kernel`` x ``kernel``) before the 3x3 output layer.
+        frames: draw each slot in its own frame (invariant slot attention): ``decode`` then takes positions, scales.
+        octaves: 0 = the paper's linear position embedding; L > 0 = a linear map of Fourier features with L octaves
+            of the (image or frame) coordinates.
     """
 
     def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8, kernel: int = 5,
-                 full_res_layers: int = 1, frames: bool = False):
+                 full_res_layers: int = 1, frames: bool = False, octaves: int = 0):
         super().__init__()
         upsamplings = math.log2(resolution / grid)
         if upsamplings < 0 or not upsamplings.is_integer():
             raise ValueError(f"decoder: resolution {resolution} is not grid {grid} times a power of two")
         self.grid = grid
-        self.pos = SoftPositionEmbed(slot_dim)
-        # Slot frames: a linear embedding of the slot's own (x, y) coordinates.
-        self.frame_embed = nn.Linear(2, slot_dim) if frames else None
+        self.octaves = octaves
+        self.pos = SoftPositionEmbed(slot_dim, octaves)
+        # Slot frames: a linear embedding of (the Fourier features of) the slot's own (x, y) coordinates.
+        self.frame_embed = nn.Linear(2 + 4 * octaves, slot_dim) if frames else None
         layers: list[nn.Module] = []
         in_channels = slot_dim
         for _ in range(int(upsamplings)):
@@ -80,7 +84,7 @@ class SpatialBroadcastDecoder(nn.Module):
         if framed and (positions is None or scales is None):
             raise ValueError("this decoder draws slots in their frames: pass positions and scales")
         # All B*K slots go through the convolutions as one batch.
-        if self.factorised and framed:
+        if self.factorised and framed and not self.octaves:  # an affine embedding of the frame: exact shortcut
             hidden = framed_broadcast_conv(self.net[0], slots.reshape(b * k, d), self.frame_embed,
                                            positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
             out = self.net[1:](hidden)  # [B*K, 4, H, W]
@@ -91,6 +95,7 @@ class SpatialBroadcastDecoder(nn.Module):
             grid = slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
             if framed:
                 rel = frame_coordinates(positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
+                rel = fourier_features(rel, self.octaves)  # [B*K, g, g, 2 + 4L]
                 out = self.net(grid + self.frame_embed(rel).permute(0, 3, 1, 2))  # [B*K, 4, H, W]
             else:
                 out = self.net(self.pos(grid))  # [B*K, 4, H, W]

@@ -22,16 +22,33 @@ def position_grid(height: int, width: int, device: torch.device | None = None) -
     return torch.stack([x, y, 1.0 - x, 1.0 - y], dim=-1)  # [H, W, 4]
 
 
-class SoftPositionEmbed(nn.Module):
-    """Adds a learned linear projection of :func:`position_grid` to a channels-first feature map."""
+def fourier_features(coords: torch.Tensor, octaves: int) -> torch.Tensor:
+    """``coords [..., 2]`` -> ``[..., 2 + 4 * octaves]``: the coordinates and ``sin, cos(2^l pi c)`` for
+    ``l < octaves`` (Tancik et al. 2020), so a small ReLU network can draw sharp edges at any place."""
+    if octaves == 0:
+        return coords
+    scales = torch.pi * 2.0 ** torch.arange(octaves, device=coords.device, dtype=coords.dtype)  # [L]
+    angles = (coords.unsqueeze(-1) * scales).flatten(-2)  # [..., 2L]
+    return torch.cat([coords, angles.sin(), angles.cos()], dim=-1)  # [..., 2 + 4L]
 
-    def __init__(self, channels: int):
+
+class SoftPositionEmbed(nn.Module):
+    """Adds a learned linear projection of :func:`position_grid` to a channels-first feature map.
+
+    With ``octaves > 0`` the projection is of the grid's Fourier features (:func:`fourier_features` of x, y in
+    [-1, 1]) instead: the decoders' option ``model.decoder_octaves``.
+    """
+
+    def __init__(self, channels: int, octaves: int = 0):
         super().__init__()
-        self.proj = nn.Linear(4, channels)
+        self.octaves = octaves
+        self.proj = nn.Linear(2 + 4 * octaves if octaves else 4, channels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, _, h, w = features.shape
         grid = position_grid(h, w, features.device).to(features.dtype)  # [H, W, 4]
+        if self.octaves:
+            grid = fourier_features(grid[..., :2] * 2 - 1, self.octaves)  # [H, W, 2 + 4L]
         return features + self.proj(grid).permute(2, 0, 1).unsqueeze(0)  # [B, C, H, W]
 
 

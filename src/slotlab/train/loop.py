@@ -94,8 +94,14 @@ class FiniteGuard:
         return (min(found)[1], min(found)[0]) if found else None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast roughly halves the
+    training step of the memory-bound broadcast decoder; elsewhere oneDNN emulates it, slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (``auto`` or ``bf16``), nothing elsewhere."""
+    """bf16 autocast with ``bf16`` (CUDA or CPU) or ``auto`` on CUDA; nothing otherwise (fp32)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown train.precision {precision!r} (auto, bf16, fp32)")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -210,6 +216,9 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         device = pick_device(cfg.device)
+        if device.type == "cpu" and cfg.precision == "bf16" and not cpu_has_native_bf16():
+            print("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
+                  "slower than fp32: consider --set train.precision=fp32", file=sys.stderr)
         self.dist = distributed.init(device)  # a no-op unless started by torchrun
         self.device = distributed.rank_device(device, self.dist)
         distributed.check_batch_size(cfg.batch_size, self.dist)
@@ -453,11 +462,16 @@ class Trainer:
         return (f"slotlab train: preset {config.preset} (task {config.task}, {config.model.num_slots} slots) on "
                 f"{config.data.name} {config.data.resolution}x{config.data.resolution}: {len(self.train_set)} train / "
                 f"{len(self.val_set)} val images; {length}{start} at batch {cfg.batch_size}; device {self.device} "
-                f"({torch.get_num_threads()} threads); run directory {self.run_dir}"
+                f"({torch.get_num_threads()} threads, {self.precision_name()}); run directory {self.run_dir}"
                 + "".join(f"\n  {name} split by {dataset.info['split_by']}"
                           for name, dataset in (("train", self.train_set), ("val", self.val_set))
                           if "split_by" in dataset.info)
                 + (f"\n  cache: {self.train_set.info['cache_dir']}" if self.train_set.info.get("cache_dir") else ""))
+
+    def precision_name(self) -> str:
+        """``bf16`` when training runs under bf16 autocast, else ``fp32``."""
+        autocast = autocast_context(self.device, self.config.train.precision)
+        return "bf16" if isinstance(autocast, torch.autocast) else "fp32"
 
     def summary(self, last_val: dict[str, Any]) -> str:
         """The closing lines: where the run stands, where its files are, what to run next."""
