@@ -153,7 +153,7 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, raw_images: t
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
                     "A10G": 70.0, "L4": 121.0, "4090": 165.0}
 
-CONFIGS = {"paper": "clevrtex", "demo": "sprites-cpu"}
+CONFIGS = {"paper": "clevrtex", "demo": "sprites-cpu", "tetrominoes": "tetrominoes-cpu"}
 
 
 @dataclass
@@ -338,7 +338,8 @@ def benchmark_config(label: str, args: argparse.Namespace, device: torch.device)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="paper,demo", help="comma-separated: paper (clevrtex), demo (sprites-cpu)")
+    parser.add_argument("--configs", default="paper,demo",
+                        help="comma-separated: paper (clevrtex), demo (sprites-cpu), tetrominoes (tetrominoes-cpu)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
     parser.add_argument("--batch", type=int, default=0, help="0 = the preset's batch on CUDA; 2 / 32 on CPU")
     parser.add_argument("--steps", type=int, default=0, help="steps per timed round (0 = 20 on CUDA, 1-5 on CPU)")

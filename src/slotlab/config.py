@@ -291,15 +291,16 @@ def _sprites_cpu() -> Config:
 def _tetrominoes_cpu() -> Config:
     """Tetrominoes (35x35, three pieces, K=4) on two CPU cores in a 15-minute training budget.
 
-    bf16 autocast (on a CPU with native bf16: 1.5-2x the steps of fp32 in the same minutes, FG-ARI per step about
-    the same) and Fourier position features in the decoder (objects bound sooner: FG-ARI 0.75 vs 0.56 at step 750).
+    bf16 autocast: on a CPU with native bf16, 1.7x the steps of fp32 in the same minutes, FG-ARI per step about the
+    same. (Fourier decoder positions, ``model.decoder_octaves=4``, bound sooner but one seed in three fell into
+    horizontal stripes: docs/discovery.md.)
     """
     return Config(
         data=DataConfig(name="tetrominoes", resolution=35, num_train=60_000, num_val=320, min_objects=3,
                         max_objects=3),
         model=ModelConfig(encoder_channels=32, input_dim=32, num_slots=4, slot_dim=64, slot_hidden_dim=128,
                           decoder_channels=32, decoder_grid=35, decoder_layers=3, decoder_kernel=3,
-                          decoder_octaves=4, slot_init="bo_qsa", iters=7),
+                          slot_init="bo_qsa", iters=7),
         train=TrainConfig(steps=1_000_000, time_budget=15.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
                           warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250,
                           precision="bf16"),
