@@ -7,7 +7,7 @@ the attention, ``p_k`` and ``s_k`` become the attention-weighted mean and standa
 The encoder adds no absolute position, so slot vectors describe what an object is and how it is shaped, and the frame
 says where it is. The decoder draws each slot in its frame (:class:`~slotlab.models.SpatialBroadcastDecoder` with
 ``frames``), so a shape is learned once for every place: on Tetrominoes a decoder given the true frames draws sharp
-pieces about ten times sooner than one given absolute positions (measured in docs/discovery.md).
+pieces about ten times sooner than one given absolute positions (measured in docs/discovery/levers.md).
 
 Cheaper than the paper's form, same idea: the relative position enters through a small MLP on the two coordinates
 (``phi``), added to the normalised input features; keys and values are linear in that sum, so the key and value
