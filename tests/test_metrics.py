@@ -19,6 +19,7 @@ from slotlab.metrics import (
     ari,
     contingency,
     fg_ari,
+    mask_ids,
     mbo,
     miou,
     object_discovery_scores,
@@ -99,6 +100,26 @@ def test_ari_matches_sklearn_on_noisy_masks_and_soft_masks():
     assert len(set(np.round(scores, 3))) > 4  # the data really spreads the score
     for b in range(8):
         assert scores[b] == pytest.approx(sklearn_ari(pred_ids[b].numpy(), true[b].numpy()), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
+def test_mask_ids_equal_argmax_with_ties_negatives_and_nan(dtype, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules["slotlab.metrics.ari"], "_ARGMAX_CHUNK_VALUES", 3 * 5 * 6 * 7)  # chunks of 3
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.randint(-2, 3, (10, 5, 6, 7), generator=generator).to(dtype)  # [B, K, H, W], many ties
+    masks[1] = torch.randn(5, 6, 7, generator=generator).to(dtype)  # no ties
+    masks[2] = -torch.rand(5, 6, 7, generator=generator).to(dtype) - 1  # only negatives
+    if dtype.is_floating_point:
+        masks[4, 3, 0, 0] = float("nan")  # NaN wins, as in argmax (its chunk falls back)
+        masks[5, :, 1, 1] = torch.tensor([-0.0, 0.0, -1.0, 0.0, -0.0], dtype=dtype)  # -0.0 == 0.0: lowest slot
+    ids = mask_ids(masks)
+    assert ids.shape == (10, 6, 7)
+    assert torch.equal(ids.long(), masks.argmax(dim=1))
+    assert torch.equal(mask_ids(masks[:0]).long(), masks[:0].argmax(dim=1))  # no images
+    wide = torch.randn(2, 300, 3, 3, generator=generator)  # K > 256: argmax itself
+    assert torch.equal(mask_ids(wide), wide.argmax(dim=1))
 
 
 def test_ari_hand_built_cases():

@@ -27,24 +27,50 @@ _CPU_CHUNK_PIXELS = 1 << 20
 def mask_ids(pred: torch.Tensor) -> torch.Tensor:
     """Predicted masks ``[B, K, H, W]`` -> ids ``[B, H, W]`` by argmax over slots; ids pass through unchanged.
 
-    Ties go to the lowest slot, as with ``argmax``. On a CPU, ``argmax(dim=1)`` reduces over a strided axis and costs
-    more than the ARI itself; here the largest value per pixel comes from ``amax`` (a fast reduction), and K
-    comparisons with it over contiguous ``[B, H, W]`` slices, from the last slot to the first, name its slot:
-    about 4x faster than ``argmax`` on 2 cores.
+    Ties go to the lowest slot and NaN wins, as with ``argmax``. On a CPU, ``argmax(dim=1)`` reduces over a strided
+    axis and costs far more than the ARI itself; there the ids come from :func:`_argmax_over_slots` (the same ids,
+    about 15x faster on 2 cores).
     """
     if pred.dim() == 4:
-        if pred.device.type != "cpu" or pred.shape[1] > 255:
-            return pred.argmax(dim=1)
-        largest = pred.amax(dim=1)  # [B, H, W]
-        ids = torch.zeros(largest.shape, dtype=torch.uint8)  # [B, H, W]
-        is_largest = torch.empty(largest.shape, dtype=torch.bool)  # [B, H, W], reused by every slot
-        for k in range(pred.shape[1] - 1, -1, -1):  # the lowest slot holding the largest value writes last
-            torch.eq(pred[:, k], largest, out=is_largest)
-            ids.masked_fill_(is_largest, k)
-        return ids
+        if pred.device.type == "cpu" and pred.shape[1] <= 256:
+            return _argmax_over_slots(pred)
+        return pred.argmax(dim=1)
     if pred.dim() == 3:
         return pred.long()
     raise ValueError(f"predicted masks must be [B,K,H,W] or ids [B,H,W], got {tuple(pred.shape)}")
+
+
+# Values per chunk of _argmax_over_slots: 8 images of 11 x 128 x 128, whose comparisons stay in cache.
+_ARGMAX_CHUNK_VALUES = 8 * 11 * 128 * 128
+
+
+def _argmax_over_slots(pred: torch.Tensor) -> torch.Tensor:
+    """``pred.argmax(dim=1)`` as uint8 ids ``[B, H, W]`` for ``[B, K, H, W]`` with K <= 256, by contiguous reductions.
+
+    A few images at a time: the largest value per pixel (``amax``, a fast reduction), then which slots hold it
+    (``eq``, as 0/1 bytes), weighted by ``K - 1 - k`` so that the lowest such slot weighs most, and a byte ``amax``
+    names it. Buffers are reused across chunks, so no page of memory is touched twice for the first time. A chunk
+    whose largest value is NaN (where ``eq`` finds nothing) falls back to ``argmax``.
+    """
+    b, k = pred.shape[:2]
+    per_chunk = max(1, min(b, _ARGMAX_CHUNK_VALUES // max(1, pred[0:1].numel())))
+    weight = (k - 1 - torch.arange(k)).to(torch.uint8).view(1, k, 1, 1)  # [1, K, 1, 1], lowest slot weighs most
+    ids = torch.empty((b, *pred.shape[2:]), dtype=torch.uint8)  # [B, H, W]
+    largest = torch.empty((per_chunk, 1, *pred.shape[2:]), dtype=pred.dtype)  # [n, 1, H, W], reused
+    holds = torch.empty((per_chunk, *pred.shape[1:]), dtype=torch.bool)  # [n, K, H, W], reused
+    winner = torch.empty((per_chunk, *pred.shape[2:]), dtype=torch.uint8)  # [n, H, W], reused
+    for start in range(0, b, per_chunk):
+        chunk = pred[start : start + per_chunk]  # [n, K, H, W]
+        n = chunk.shape[0]
+        torch.amax(chunk, dim=1, keepdim=True, out=largest[:n])
+        if pred.is_floating_point() and torch.isnan(largest[:n]).any():
+            ids[start : start + n] = chunk.argmax(dim=1)
+            continue
+        weighted = torch.eq(chunk, largest[:n], out=holds[:n]).view(torch.uint8)  # [n, K, H, W], 0/1
+        weighted.mul_(weight)
+        torch.amax(weighted, dim=1, out=winner[:n])  # K - 1 - (lowest slot holding the largest value)
+        ids[start : start + n] = (k - 1) - winner[:n]
+    return ids
 
 
 def contingency(pred_ids: torch.Tensor, true_ids: torch.Tensor, weights: torch.Tensor | None = None,
