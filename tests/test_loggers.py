@@ -11,7 +11,7 @@ from cli_helpers import assert_one_error_line, run
 from slotlab.config import apply_overrides, get_preset
 from slotlab.errors import UserError
 from slotlab.runs import read_metrics
-from slotlab.train.loop import train
+from slotlab.train.loop import Trainer, TrainingError, train
 
 SHORT = ["train.steps=4", "train.log_every=2", "train.val_every=2", "data.num_train=8", "data.num_val=4"]
 
@@ -38,6 +38,7 @@ def test_mlflow_file_store_records_the_same_scalars_and_the_mask_pictures(tmp_pa
     assert logged.keys() == expected.keys()
     assert all(logged[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
     assert client.get_run(run_id).data.params["model.num_slots"] == str(get_preset("smoke").model.num_slots)
+    assert client.get_run(run_id).info.status == "FINISHED"
     pictures = [artifact.path for artifact in client.list_artifacts(run_id, "images")]
     assert sum(path.startswith("images/val~masks+step+") and path.endswith(".png") for path in pictures) == 2
 
@@ -58,19 +59,27 @@ def test_wandb_offline_records_the_same_scalars(tmp_path, monkeypatch):
         logged.update({(name, step): value for name, value in history.items()
                        if not name.startswith(("_", "val/masks")) and isinstance(value, (int, float))})
     assert pictures == 2
+    records = _wandb_records(files[0].read_bytes())
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
     expected = _jsonl_scalars(run_dir)
     assert logged.keys() == expected.keys()
     assert all(logged[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
 
 
 def _wandb_history(data: bytes) -> list[dict]:
-    """The ``wandb.log`` records of an offline run's ``.wandb`` file: a LevelDB-style log (a 7-byte file header, then
-    32 KiB blocks of chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last) of
-    protobuf ``Record`` messages."""
+    """The ``wandb.log`` records of an offline run's ``.wandb`` file."""
+    return [{"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            for record in _wandb_records(data) if record.WhichOneof("record_type") == "history"]
+
+
+def _wandb_records(data: bytes) -> list:
+    """The protobuf ``Record`` messages of an offline run's ``.wandb`` file: a LevelDB-style log (a 7-byte file
+    header, then 32 KiB blocks of chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle /
+    4 last)."""
     from wandb.proto import wandb_internal_pb2
 
     assert data[:4] == b":W&B"
-    block, index, chunk, histories = 32768, 7, b"", []
+    block, index, chunk, records = 32768, 7, b"", []
     while index + 7 <= len(data):
         if block - index % block < 7:  # a block's tail too short for a header is padding
             index += block - index % block
@@ -84,10 +93,30 @@ def _wandb_history(data: bytes) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
             chunk = b""
-            if record.WhichOneof("record_type") == "history":
-                histories.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                                  for item in record.history.item})
-    return histories
+            records.append(record)
+    return records
+
+
+def test_a_run_stopped_by_an_error_ends_its_tracker_runs_as_failed(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = apply_overrides(get_preset("smoke"), [*SHORT, "train.loggers=mlflow,wandb"])
+    trainer = Trainer(config, tmp_path / "run")
+    original = trainer.loss_fn
+    trainer.loss_fn = lambda batch, step: ((loss := original(batch, step))[0] * float("nan"), loss[1])
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.fit()
+
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "run/loggers.json").read_text())["mlflow"]
+    assert MlflowClient(tracking_uri=(tmp_path / "run/mlruns").as_uri()).get_run(run_id).info.status == "FAILED"
+    files = list((tmp_path / "run/wandb").glob("offline-run-*/run-*.wandb"))
+    exits = [r.exit.exit_code for r in _wandb_records(files[0].read_bytes()) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
 
 
 def test_tensorboard_gets_the_mask_pictures(tmp_path):

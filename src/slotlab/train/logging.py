@@ -46,7 +46,7 @@ class TensorBoardLogger:
         if self.writer is not None:
             self.writer.add_image(name, picture, step, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -67,8 +67,8 @@ class WandbLogger:
     def picture(self, step: int, name: str, picture: np.ndarray) -> None:
         self.run.log({name: self.wandb.Image(picture)}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "finished") -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)  # non-zero: wandb marks the run failed
 
 
 class MlflowLogger:
@@ -103,8 +103,8 @@ class MlflowLogger:
     def picture(self, step: int, name: str, picture: np.ndarray) -> None:
         self.client.log_image(self.run_id, picture, key=name, step=step)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=status.upper())  # FINISHED, FAILED or KILLED
 
 
 LOGGER_CLASSES = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger, "mlflow": MlflowLogger}
@@ -155,9 +155,13 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker.picture(step, name, picture)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """End the tracker runs as ``finished``, ``failed`` (an error stopped training) or ``killed`` (a signal or
+        Ctrl-C stopped it; the run can be resumed). Closing twice does nothing."""
+        if status not in ("finished", "failed", "killed"):
+            raise ValueError(f"unknown run status {status!r}")
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(status)
         self.trackers = []
 
 

@@ -21,6 +21,7 @@ logging, validation and checkpoint steps. Several processes (``torchrun``) train
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -369,7 +370,16 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``train.steps`` (or ``train.time_budget``); returns the last validation record (empty on ranks
-        other than 0)."""
+        other than 0). An error ends the trackers' runs as failed (Ctrl-C: killed) before it propagates."""
+        try:
+            return self._fit()
+        except BaseException as error:
+            if self.log is not None:
+                with contextlib.suppress(Exception):  # a tracker that fails to close must not hide the error
+                    self.log.close("killed" if isinstance(error, KeyboardInterrupt) else "failed")
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config.train
         main = self.dist.is_main
         if main:
@@ -446,7 +456,7 @@ class Trainer:
                 self.save("last")
             print(f"train.time_budget of {cfg.time_budget:g} minutes used up at step {self.step}")
         if main:
-            self.log.close()
+            self.log.close("killed" if self.stop_signal else "finished")
             from slotlab.report.plots import plot_curves
 
             plot_curves(self.run_dir)
