@@ -137,3 +137,50 @@ def test_an_unknown_logger_is_an_error_line(capsys, tmp_path):
     assert code == 2
     assert_one_error_line(err, "train.loggers", "neptun")
     assert not (tmp_path / "r").exists()
+
+
+def test_every_tracker_is_closed_even_when_one_fails_to_close(tmp_path):
+    from slotlab.train.logging import MetricsLog
+
+    closed = []
+
+    class Tracker:
+        def __init__(self, name, fails):
+            self.name, self.fails = name, fails
+
+        def close(self, status):
+            closed.append((self.name, status))
+            if self.fails:
+                raise RuntimeError(f"{self.name} is unreachable")
+
+    log = MetricsLog(tmp_path)
+    log.trackers = [Tracker("a", True), Tracker("b", False)]
+    with pytest.raises(RuntimeError, match="a is unreachable"):
+        log.close("killed")
+    assert closed == [("a", "killed"), ("b", "killed")]
+    log.close("failed")  # closing twice does nothing
+    assert closed == [("a", "killed"), ("b", "killed")]
+    with pytest.raises(ValueError, match="unknown run status"):
+        log.close("crashed")
+
+
+def test_a_run_stopped_by_a_signal_ends_its_mlflow_run_as_killed(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = apply_overrides(get_preset("smoke"), [*SHORT, "train.loggers=mlflow"])
+    trainer = Trainer(config, tmp_path / "run")
+    original = trainer.loss_fn
+
+    def signalled(batch, step):
+        if step == 1:
+            trainer.stop_signal = "SIGTERM"  # what the SIGTERM handler sets
+        return original(batch, step)
+
+    trainer.loss_fn = signalled
+    trainer.fit()  # a clean stop: checkpoint saved, resumable
+
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "run/loggers.json").read_text())["mlflow"]
+    assert MlflowClient(tracking_uri=(tmp_path / "run/mlruns").as_uri()).get_run(run_id).info.status == "KILLED"
+

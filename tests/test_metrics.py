@@ -120,6 +120,13 @@ def test_mask_ids_equal_argmax_with_ties_negatives_and_nan(dtype, monkeypatch):
     assert torch.equal(mask_ids(masks[:0]).long(), masks[:0].argmax(dim=1))  # no images
     wide = torch.randn(2, 300, 3, 3, generator=generator)  # K > 256: argmax itself
     assert torch.equal(mask_ids(wide), wide.argmax(dim=1))
+    widest = torch.randn(2, 256, 3, 3, generator=generator)
+    widest[:, 255] = 10.0  # the last of 256 slots wins: its id still fits a byte
+    assert torch.equal(mask_ids(widest).long(), widest.argmax(dim=1))
+    views = torch.randn(8, 6, 7, 5, generator=generator).permute(0, 2, 3, 1)[::2]  # [4, K=7, 5, 6], not contiguous
+    assert torch.equal(mask_ids(views).long(), views.argmax(dim=1))
+    logits = torch.randn(3, 4, 5, 5, requires_grad=True)  # masks straight from a model, outside no_grad
+    assert torch.equal(mask_ids(logits.softmax(dim=1)).long(), logits.argmax(dim=1))
 
 
 def test_ari_hand_built_cases():

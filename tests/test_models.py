@@ -117,6 +117,21 @@ def test_fourier_features_are_the_coordinates_then_sines_and_cosines_of_doubling
     torch.testing.assert_close(out.masks.sum(dim=1), torch.ones(2, 8, 8))
 
 
+def test_fourier_features_keep_their_precision_in_bf16():
+    from slotlab.models.encoders import SoftPositionEmbed, fourier_features
+
+    coords = torch.linspace(-1, 1, 35).unsqueeze(-1).expand(35, 2).to(torch.bfloat16)  # [35, 2]
+    exact = fourier_features(coords.float(), octaves=8)  # the same coordinates, fp32 throughout
+    half = fourier_features(coords, octaves=8)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), exact, atol=1e-2, rtol=0)  # bf16 angles would be off by whole turns
+    embed = SoftPositionEmbed(4, octaves=8)
+    features = torch.zeros(1, 4, 35, 35)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = embed(features.to(torch.bfloat16))
+    torch.testing.assert_close(mixed.float(), embed(features), atol=0.05, rtol=0.02)
+
+
 def test_decoder_rejects_a_resolution_that_is_not_grid_times_power_of_two():
     with pytest.raises(ValueError):
         SpatialBroadcastDecoder(slot_dim=8, resolution=40, grid=8)

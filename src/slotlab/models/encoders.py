@@ -24,12 +24,16 @@ def position_grid(height: int, width: int, device: torch.device | None = None) -
 
 def fourier_features(coords: torch.Tensor, octaves: int) -> torch.Tensor:
     """``coords [..., 2]`` -> ``[..., 2 + 4 * octaves]``: the coordinates and ``sin, cos(2^l pi c)`` for
-    ``l < octaves`` (Tancik et al. 2020), so a small ReLU network can draw sharp edges at any place."""
+    ``l < octaves`` (Tancik et al. 2020), so a small ReLU network can draw sharp edges at any place.
+
+    The angles are computed in at least fp32 (in bf16, ``2^7 pi x`` is off by more than a full turn) and the result
+    is returned in the dtype of ``coords``."""
     if octaves == 0:
         return coords
-    scales = torch.pi * 2.0 ** torch.arange(octaves, device=coords.device, dtype=coords.dtype)  # [L]
-    angles = (coords.unsqueeze(-1) * scales).flatten(-2)  # [..., 2L]
-    return torch.cat([coords, angles.sin(), angles.cos()], dim=-1)  # [..., 2 + 4L]
+    work = coords.float() if coords.dtype in (torch.float16, torch.bfloat16) else coords
+    scales = torch.pi * 2.0 ** torch.arange(octaves, device=coords.device, dtype=work.dtype)  # [L]
+    angles = (work.unsqueeze(-1) * scales).flatten(-2)  # [..., 2L]
+    return torch.cat([work, angles.sin(), angles.cos()], dim=-1).to(coords.dtype)  # [..., 2 + 4L]
 
 
 class SoftPositionEmbed(nn.Module):
@@ -46,10 +50,10 @@ class SoftPositionEmbed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, _, h, w = features.shape
-        grid = position_grid(h, w, features.device).to(features.dtype)  # [H, W, 4]
+        grid = position_grid(h, w, features.device)  # [H, W, 4], fp32
         if self.octaves:
-            grid = fourier_features(grid[..., :2] * 2 - 1, self.octaves)  # [H, W, 2 + 4L]
-        return features + self.proj(grid).permute(2, 0, 1).unsqueeze(0)  # [B, C, H, W]
+            grid = fourier_features(grid[..., :2] * 2 - 1, self.octaves)  # [H, W, 2 + 4L], angles in fp32
+        return features + self.proj(grid.to(features.dtype)).permute(2, 0, 1).unsqueeze(0)  # [B, C, H, W]
 
 
 @ENCODERS.register("paper_cnn")

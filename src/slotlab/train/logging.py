@@ -157,12 +157,20 @@ class MetricsLog:
 
     def close(self, status: str = "finished") -> None:
         """End the tracker runs as ``finished``, ``failed`` (an error stopped training) or ``killed`` (a signal or
-        Ctrl-C stopped it; the run can be resumed). Closing twice does nothing."""
+        Ctrl-C stopped it; the run can be resumed). MLflow records the three; wandb has no "killed", so a stopped run
+        shows as failed there until it is resumed. Every tracker is closed even if one fails (the first error is
+        raised after); closing twice does nothing."""
         if status not in ("finished", "failed", "killed"):
             raise ValueError(f"unknown run status {status!r}")
-        for tracker in self.trackers:
-            tracker.close(status)
-        self.trackers = []
+        trackers, self.trackers = self.trackers, []
+        errors = []
+        for tracker in trackers:
+            try:
+                tracker.close(status)
+            except Exception as error:  # noqa: BLE001 - the others must still be closed
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 def _optional(module: str, extra: str):

@@ -21,12 +21,12 @@ logging, validation and checkpoint steps. Several processes (``torchrun``) train
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
@@ -98,7 +98,8 @@ class FiniteGuard:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast roughly halves the
     training step of the memory-bound broadcast decoder; elsewhere oneDNN emulates it, slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu functions (torch >= 2.3)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -375,8 +376,10 @@ class Trainer:
             return self._fit()
         except BaseException as error:
             if self.log is not None:
-                with contextlib.suppress(Exception):  # a tracker that fails to close must not hide the error
+                try:
                     self.log.close("killed" if isinstance(error, KeyboardInterrupt) else "failed")
+                except Exception as close_error:  # noqa: BLE001 - said, but never in place of the error itself
+                    warnings.warn(f"could not close the tracker runs: {close_error}", stacklevel=2)
             raise
 
     def _fit(self) -> dict[str, Any]:
