@@ -118,10 +118,11 @@ def test_mask_ids_equal_argmax_with_ties_negatives_and_nan(dtype, monkeypatch):
     assert ids.shape == (10, 6, 7)
     assert torch.equal(ids.long(), masks.argmax(dim=1))
     assert torch.equal(mask_ids(masks[:0]).long(), masks[:0].argmax(dim=1))  # no images
-    wide = torch.randn(2, 300, 3, 3, generator=generator)  # K > 256: argmax itself
+    wide = torch.randn(2, 256, 3, 3, generator=generator)  # K > 255: argmax itself
     assert torch.equal(mask_ids(wide), wide.argmax(dim=1))
-    widest = torch.randn(2, 256, 3, 3, generator=generator)
-    widest[:, 255] = 10.0  # the last of 256 slots wins: its id still fits a byte
+    widest = torch.randn(2, 255, 3, 3, generator=generator)
+    widest[:, 254] = 10.0  # the last of 255 slots wins: its id still fits a byte
+    widest[1, 0, 0, 0] = float("nan")  # and a NaN beside it
     assert torch.equal(mask_ids(widest).long(), widest.argmax(dim=1))
     views = torch.randn(8, 6, 7, 5, generator=generator).permute(0, 2, 3, 1)[::2]  # [4, K=7, 5, 6], not contiguous
     assert torch.equal(mask_ids(views).long(), views.argmax(dim=1))
@@ -141,9 +142,9 @@ def test_ari_hand_built_cases():
     assert ari(swapped, true).item() < 0
 
 
-def test_contingency_numpy_and_torch_paths_agree():
+def test_contingency_chunked_and_single_bincount_paths_agree():
     pred, true = noisy_scenes(5, 16, num_slots=5, noise=0.4, seed=2)
-    fast = contingency(pred, true)  # CPU numpy bincount
+    fast = contingency(pred, true)  # CPU: chunked int32 bincount
     weighted = contingency(pred, true, weights=torch.ones_like(true))  # torch.bincount path
     assert torch.equal(fast, weighted)
     assert fast.shape == (5, int(true.max()) + 1, 5)
