@@ -1,8 +1,8 @@
 """Adjusted Rand Index, batched from one contingency table per image.
 
 For every image the contingency table ``n[i, j]`` (pixels of true object i given to predicted slot j) is built by a
-``bincount`` over ``image * T * K + true * K + pred`` (on a CPU a few images at a time in int32, so that the index
-stays in cache; elsewhere one call for the whole batch). From it the pair-counting form that
+``bincount`` over ``image * T * K + true * K + pred`` (on a CPU without pixel weights a few images at a time in
+int32, so that the index stays in cache; otherwise one call for the whole batch). From it the pair-counting form that
 ``sklearn.metrics.adjusted_rand_score`` uses gives ARI exactly:
 
     tp = sum n_ij^2 - n,  fp = sum_j b_j^2 - sum n_ij^2,  fn = sum_i a_i^2 - sum n_ij^2,  tn = n^2 - tp - fp - fn - n
