@@ -62,6 +62,35 @@ def test_eval_writes_every_metric_and_per_image_scores(evaluated_run):
     assert saved["clevrtex_mse"] == pytest.approx(saved["mse"] * 3 * 16 * 16 / 4, rel=1e-4)
 
 
+def test_eval_scores_slot_attention_masks_beside_the_decoder_masks():
+    from slotlab.data import build_dataset
+    from slotlab.metrics import ObjectDiscoveryMetrics
+    from slotlab.models.slot_attention import attention_masks
+    from slotlab.tasks.autoencoder import ObjectDiscoveryEvaluator
+
+    config = apply_overrides(get_preset("smoke"), ["data.num_val=8", "model.encoder=strided_cnn"])  # 16 -> 4x4
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    dataset = build_dataset(config.data, "val")
+    evaluator = ObjectDiscoveryEvaluator(model, attention_scores=True)
+    decoder, attention = ObjectDiscoveryMetrics(), ObjectDiscoveryMetrics()
+    for _, batch in dataset.batches(8, 4, torch.device("cpu")):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = model(batch["image"])
+        assert out.feature_size == (4, 4)
+        decoder.update(out.masks, batch["mask"])
+        attention.update(attention_masks(out.attn, (4, 4), (16, 16)), batch["mask"])
+        torch.manual_seed(1)  # the same slot noise inside the evaluator
+        with torch.no_grad():
+            evaluator.update(batch, None)
+    scores = evaluator.summary()
+    for name in ("ari", "fg_ari", "miou", "mbo"):
+        assert scores[name] == pytest.approx(decoder.compute()[name], abs=1e-6), name
+        assert scores[f"attn_{name}"] == pytest.approx(attention.compute()[name], abs=1e-6), name
+    assert scores["attn_fg_ari"] != scores["fg_ari"]  # two different sets of masks
+
+
 def test_eval_saves_galleries(evaluated_run):
     from PIL import Image
 
@@ -108,9 +137,21 @@ def test_eval_runs_the_task_evaluator_over_the_split(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval" / "val-last-first5" / "metrics.json").read_text())["ap_inf"] == 0.75
 
 
+def test_eval_with_more_iterations_at_test_time_keeps_the_plain_evaluation(evaluated_run):
+    run_dir, plain = evaluated_run
+    assert plain["iters"] == 3  # the smoke preset's T
+    more = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", iters=9)
+    assert more["iters"] == 9 and more["fg_ari"] != plain["fg_ari"]
+    assert json.loads((run_dir / "eval" / "val-last-first10-T9" / "metrics.json").read_text()) == more
+    assert json.loads((run_dir / "eval" / "val-last-first10" / "metrics.json").read_text()) == plain
+    again = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", iters=3)  # T as trained: the plain one
+    assert {**again, "eval_seconds": 0} == {**plain, "eval_seconds": 0}
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--limit", "-1"], "--limit"),
     (["--batch-size", "-4"], "--batch-size"),
+    (["--iters", "x"], "--iters"),
 ])
 def test_eval_bad_arguments(evaluated_run, capsys, args, fragment):
     run_dir, _ = evaluated_run

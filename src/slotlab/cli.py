@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from slotlab.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.split, args.checkpoint, args.limit, args.batch_size,
-                           args.device)
+                           args.device, iters=args.iters)
     print(json.dumps(metrics, indent=2))
 
 
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_count, default=0, help="score only the first N images (0 = all)")
     p.add_argument("--batch-size", type=_count, default=0, help="images per forward pass (0 = the training batch)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
+    p.add_argument("--iters", type=_count, default=0, metavar="T",
+                   help="grouping iterations at test time (0 = as trained); results go to eval/<split>-<ckpt>-T<T>")
 
     p = add("export", cmd_export, "write a shareable model folder: config.json, model.safetensors, README.md")
     p.add_argument("run_dir")

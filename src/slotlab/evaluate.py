@@ -26,7 +26,7 @@ from slotlab.tasks import get_task, load_trained_model
 
 @torch.no_grad()
 def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0,
-                 batch_size: int = 0, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+                 batch_size: int = 0, device: str = "auto", seed: int = 0, iters: int = 0) -> dict[str, Any]:
     """Score ``split`` of the run's dataset and save metrics and pictures under ``RUN_DIR/eval``.
 
     Args:
@@ -37,6 +37,8 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         batch_size: evaluation batch size (0 = the training batch size).
         device: ``auto``, ``cpu``, ``cuda``, ...
         seed: seed of the slot initialisation noise.
+        iters: grouping iterations T at test time (0 = as trained). Slot Attention is a fixed-point iteration, so
+            more iterations than in training often sharpen the slots (the Slot Attention paper's figure 5 / 7).
 
     Returns:
         The metrics dict written to ``eval/metrics.json``.
@@ -45,17 +47,28 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         raise UserError(f"limit must be 0 (all images) or positive, got {limit}")
     if batch_size < 0:
         raise UserError(f"batch size must be 0 (the training batch size) or positive, got {batch_size}")
+    if iters < 0:
+        raise UserError(f"iters must be 0 (as trained) or positive, got {iters}")
     run_dir = Path(run_dir)
     checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, model = load_trained_model(run_dir, checkpoint, device)
+    grouping = getattr(model, "grouping", None)
+    if iters and not hasattr(grouping, "iters"):
+        raise UserError(f"--iters: the {config.task} model of {str(run_dir)!r} has no grouping iterations to set")
+    if iters == getattr(grouping, "iters", None):
+        iters = 0  # the trained number: the plain evaluation
+    if iters:
+        grouping.iters = iters
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
     if len(dataset) == 0:
         raise UserError(f"the {split} split of dataset {config.data.name!r} is empty: nothing to evaluate")
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
-    out_dir = eval_dir(run_dir, split, checkpoint, limit)  # e.g. eval/val-best: other evaluations stay
+    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters)  # e.g. eval/val-best: other evaluations stay
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": split, "num_images": count, "checkpoint": checkpoint}
+    if hasattr(grouping, "iters"):
+        metrics["iters"] = grouping.iters
     torch.manual_seed(seed)
     start = time.perf_counter()
     evaluator = get_task(config).evaluator(model, dataset, out_dir)

@@ -207,10 +207,12 @@ def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
     return config, {"model": weights, "config": config_to_dict(config), "step": 0}
 
 
-def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0) -> Path:
-    """Where ``slotlab eval`` keeps the results of one split, checkpoint and image count:
-    ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit), e.g. ``eval/val-best``."""
-    return Path(run_dir) / "eval" / (f"{split}-{checkpoint}" + (f"-first{limit}" if limit else ""))
+def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0, iters: int = 0) -> Path:
+    """Where ``slotlab eval`` keeps the results of one split, checkpoint, image count and number of test-time
+    iterations: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit, ``-T<iters>`` with iterations
+    other than the trained ones), e.g. ``eval/val-best`` or ``eval/val-best-T15``."""
+    suffix = (f"-first{limit}" if limit else "") + (f"-T{iters}" if iters else "")
+    return Path(run_dir) / "eval" / f"{split}-{checkpoint}{suffix}"
 
 
 def find_eval(run_dir: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """The slot autoencoder task (Part 1, and VQ-SA with ``model.quantiser=vq``): build, train, score.
 
-Scoring (``slotlab eval`` and the trainer's validation) gives ARI, FG-ARI, mIoU, mBO and MSE; with ``out_dir`` it also
-writes, under ``RUN_DIR/eval/``:
+Scoring (``slotlab eval`` and the trainer's validation) gives ARI, FG-ARI, mIoU, mBO and MSE of the decoder's masks,
+and the same scores of Slot Attention's own masks (``attn_*``); with ``out_dir`` it also writes, under
+``RUN_DIR/eval/``:
 
 * ``per_image.csv``: every score of every image;
 * ``best.png`` / ``worst.png``: the 5 images with the highest / lowest ARI (true mask | predicted mask | image |
@@ -25,6 +26,7 @@ from slotlab.io import atomic_write_text
 from slotlab.metrics import ObjectDiscoveryMetrics
 from slotlab.metrics.disentanglement import disentanglement_scores, match_slots_to_objects
 from slotlab.models import SlotAutoencoder
+from slotlab.models.slot_attention import attention_masks
 from slotlab.tasks import Task, register
 
 GALLERY_SIZE = 5  # images in best.png / worst.png
@@ -49,7 +51,7 @@ class AutoencoderTask(Task):
         extras = []
         if self.config.model.quantiser == "vq" and dataset is not None:
             extras.append(DisentanglementView(model, dataset.info, out_dir))
-        return ObjectDiscoveryEvaluator(model, out_dir, extras=extras)
+        return ObjectDiscoveryEvaluator(model, out_dir, extras=extras, attention_scores=True)
 
 
 class ObjectDiscoveryEvaluator:
@@ -59,13 +61,17 @@ class ObjectDiscoveryEvaluator:
     (``[B,K,3,H,W]`` or None), ``attn_per_iter`` (list of ``[B,K,N]`` or None) and ``feature_size`` ``(h, w)``.
     With ``masks_only`` it calls ``model.predict_masks(image)`` instead (no reconstruction, no MSE): the cheap
     validation of decoders that sample. ``extras`` get ``(batch, indices, out)`` of every batch (VQ-SA codes).
+    With ``attention_scores`` the masks that Slot Attention's last iteration draws (``out.attn``, upsampled to the
+    image) are scored too, as ``attn_ari``, ``attn_fg_ari``, ``attn_miou`` and ``attn_mbo``: the decoder's alpha masks
+    are the Slot Attention paper's choice, the attention masks that of models without them (SLATE, DINOSAUR).
     """
 
     def __init__(self, model: torch.nn.Module, out_dir: Path | None = None, masks_only: bool = False,
-                 extras: list | None = None):
+                 extras: list | None = None, attention_scores: bool = False):
         self.model, self.out_dir, self.masks_only = model, out_dir, masks_only
         self.extras = extras or []
         self.metrics = ObjectDiscoveryMetrics()
+        self.attention_metrics = ObjectDiscoveryMetrics() if attention_scores else None
         self.extremes = _Extremes(GALLERY_SIZE)
         self.rows: list[dict[str, Any]] = []
         self.first = None
@@ -85,6 +91,9 @@ class ObjectDiscoveryEvaluator:
         self._keep_preview(batch["image"], out.masks, out.recon, true)
         for extra in self.extras:
             extra.update(batch, indices, out)
+        if self.attention_metrics is not None and true is not None and out.feature_size is not None:
+            attention = attention_masks(out.attn.float(), out.feature_size, tuple(true.shape[-2:]))  # [B, K, H, W]
+            self.attention_metrics.update(attention, true)
         if self.out_dir is None:
             self.metrics.update(out.masks.float(), true, out.recon.float(), batch["image"])
             return
@@ -109,6 +118,10 @@ class ObjectDiscoveryEvaluator:
             _write_csv(self.rows, self.out_dir / "per_image.csv")
             ranked_by = "ARI" if "mask" in self.first[0] else "MSE"
             _save_pictures(self.out_dir, self.first, self.extremes, ranked_by)
+        if self.attention_metrics is not None:
+            attention = self.attention_metrics.compute()
+            metrics.update({f"attn_{name}": attention[name] for name in ("ari", "fg_ari", "miou", "mbo")
+                            if name in attention})
         for extra in self.extras:
             metrics.update(extra.summary())
         return metrics
