@@ -132,6 +132,41 @@ def test_fourier_features_keep_their_precision_in_bf16():
     torch.testing.assert_close(mixed.float(), embed(features), atol=0.05, rtol=0.02)
 
 
+def test_fourier_octaves_fade_in_from_coarse_to_fine_and_the_stage_is_saved():
+    from slotlab.models.encoders import fourier_features
+
+    coords = torch.rand(5, 2) * 2 - 1
+    full = fourier_features(coords, octaves=4)  # [5, 2 + 16]: x, y, then sines, then cosines
+    torch.testing.assert_close(fourier_features(coords, 4, torch.tensor(0.0)), torch.cat(
+        [coords, torch.zeros(5, 16)], dim=-1))  # nothing but the coordinates at the start
+    torch.testing.assert_close(fourier_features(coords, 4, torch.tensor(1.0)), full)
+    half = fourier_features(coords, 4, torch.tensor(0.5))  # octaves 0 and 1 in full, 2 and 3 not yet
+    for start in (2, 10):  # the sines, then the cosines: [x at octaves 0-3, y at octaves 0-3] each
+        part, whole = half[:, start:start + 8].reshape(5, 2, 4), full[:, start:start + 8].reshape(5, 2, 4)
+        torch.testing.assert_close(part[..., :2], whole[..., :2])  # x and y, octaves 0 and 1
+        assert part[..., 2:].abs().max() == 0
+
+    config = apply_overrides(get_preset("smoke"), ["model.decoder_octaves=4", "model.decoder_octave_fade=100"])
+    model = SlotAutoencoder(config).train()
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
+    model.compute_loss(batch, step=25)
+    assert model.decoder.octave_progress.item() == 0.25
+    model.compute_loss(batch, step=1000)
+    assert model.decoder.octave_progress.item() == 1.0
+    model.compute_loss(batch, step=50)
+    state = model.state_dict()  # the stage travels with the weights, and .to() keeps the embedding on it
+    restored = SlotAutoencoder(config).to(torch.float64)
+    restored.load_state_dict(state)
+    assert restored.decoder.pos.progress is restored.decoder.octave_progress
+    assert restored.decoder.octave_progress.item() == 0.5
+    restored.eval().float()
+    assert restored.decoder.pos.progress is restored.decoder.octave_progress
+    torch.manual_seed(0)  # the same slot-initialisation noise for both
+    expected = model.eval()(batch["image"]).recon
+    torch.manual_seed(0)
+    torch.testing.assert_close(restored(batch["image"]).recon, expected)
+
+
 def test_decoder_rejects_a_resolution_that_is_not_grid_times_power_of_two():
     with pytest.raises(ValueError):
         SpatialBroadcastDecoder(slot_dim=8, resolution=40, grid=8)

@@ -92,6 +92,8 @@ class ModelConfig:
     # Decoder position embedding: 0 = the paper's linear map of (x, y, 1-x, 1-y); L > 0 = Fourier features of
     # (x, y) with L octaves (in each slot's frame under invariant slot attention), for sharp edges sooner
     decoder_octaves: int = _field(0, lo=0, hi=16)
+    # With decoder_octaves: fade the octaves in from coarse to fine over this many steps (BARF); 0 = all at once
+    decoder_octave_fade: int = _field(0, lo=0, hi=10**9)
     quantiser: str = _field("none", choices=("none", "vq"))  # vq: discrete slot codes (VQ-SA)
 
 

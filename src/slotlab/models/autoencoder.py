@@ -58,7 +58,8 @@ class SlotAutoencoder(nn.Module):
             self.encoder.pos = nn.Identity()
         self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
                                                cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
-                                               frames=self.frames, octaves=cfg.decoder_octaves)
+                                               frames=self.frames, octaves=cfg.decoder_octaves,
+                                               octave_fade_steps=cfg.decoder_octave_fade)
         self.num_slots = cfg.num_slots
         # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
         # decode(), slot libraries, composition and mixing see one tensor.
@@ -146,6 +147,8 @@ class SlotAutoencoder(nn.Module):
 
         VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``.
         """
+        if self.training:
+            self.decoder.set_step(step)
         out = self(batch["image"], step=step)
         loss = F.mse_loss(out.recon.float(), batch["image"].float())
         if out.kl is None:

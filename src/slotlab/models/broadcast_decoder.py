@@ -43,10 +43,13 @@ class SpatialBroadcastDecoder(nn.Module):
         frames: draw each slot in its own frame (invariant slot attention): ``decode`` then takes positions, scales.
         octaves: 0 = the paper's linear position embedding; L > 0 = a linear map of Fourier features with L octaves
             of the (image or frame) coordinates.
+        octave_fade_steps: with octaves, fade them in from coarse to fine over this many training steps (BARF's
+            schedule, see :func:`~slotlab.models.encoders.fourier_features`; :meth:`set_step` advances it). 0 = all
+            octaves from the start.
     """
 
     def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8, kernel: int = 5,
-                 full_res_layers: int = 1, frames: bool = False, octaves: int = 0):
+                 full_res_layers: int = 1, frames: bool = False, octaves: int = 0, octave_fade_steps: int = 0):
         super().__init__()
         upsamplings = math.log2(resolution / grid)
         if upsamplings < 0 or not upsamplings.is_integer():
@@ -54,6 +57,11 @@ class SpatialBroadcastDecoder(nn.Module):
         self.grid = grid
         self.octaves = octaves
         self.pos = SoftPositionEmbed(slot_dim, octaves)
+        # Where the fade-in stands (0 -> 1), saved with the weights so that a checkpoint decodes as it was trained.
+        self.octave_fade_steps = octave_fade_steps if octaves else 0
+        if self.octave_fade_steps:
+            self.register_buffer("octave_progress", torch.zeros(()))
+            self.pos.progress = self.octave_progress
         # Slot frames: a linear embedding of (the Fourier features of) the slot's own (x, y) coordinates.
         self.frame_embed = nn.Linear(2 + 4 * octaves, slot_dim) if frames else None
         layers: list[nn.Module] = []
@@ -71,6 +79,17 @@ class SpatialBroadcastDecoder(nn.Module):
         # Without upsampling the first layer is a stride-1 convolution of a constant map (the slot) plus a map shared
         # by all slots (the position embedding): computed exactly from per-slot kernel sums (see broadcast_conv).
         self.factorised = upsamplings == 0
+
+    def set_step(self, step: int) -> None:
+        """Advance the coarse-to-fine fade-in of the Fourier octaves to training step ``step``."""
+        if self.octave_fade_steps:
+            self.octave_progress.fill_(min(1.0, step / self.octave_fade_steps))
+
+    def _apply(self, fn, recurse=True):  # .to(device) replaces the buffer: keep the embedding pointing at it
+        super()._apply(fn, recurse)
+        if self.octave_fade_steps:
+            self.pos.progress = self.octave_progress
+        return self
 
     def forward(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
                 scales: torch.Tensor | None = None) -> DecoderOutput:
@@ -95,7 +114,7 @@ class SpatialBroadcastDecoder(nn.Module):
             grid = slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
             if framed:
                 rel = frame_coordinates(positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
-                rel = fourier_features(rel, self.octaves)  # [B*K, g, g, 2 + 4L]
+                rel = fourier_features(rel, self.octaves, self.pos.progress)  # [B*K, g, g, 2 + 4L]
                 out = self.net(grid + self.frame_embed(rel).permute(0, 3, 1, 2))  # [B*K, 4, H, W]
             else:
                 out = self.net(self.pos(grid))  # [B*K, 4, H, W]

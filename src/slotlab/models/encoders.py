@@ -22,18 +22,26 @@ def position_grid(height: int, width: int, device: torch.device | None = None) -
     return torch.stack([x, y, 1.0 - x, 1.0 - y], dim=-1)  # [H, W, 4]
 
 
-def fourier_features(coords: torch.Tensor, octaves: int) -> torch.Tensor:
+def fourier_features(coords: torch.Tensor, octaves: int, progress: torch.Tensor | None = None) -> torch.Tensor:
     """``coords [..., 2]`` -> ``[..., 2 + 4 * octaves]``: the coordinates and ``sin, cos(2^l pi c)`` for
     ``l < octaves`` (Tancik et al. 2020), so a small ReLU network can draw sharp edges at any place.
 
-    The angles are computed in at least fp32 (in bf16, ``2^7 pi x`` is off by more than a full turn) and the result
-    is returned in the dtype of ``coords``."""
+    ``progress`` (a scalar tensor in [0, 1], None = 1) fades the octaves in from coarse to fine (BARF, Lin et al.
+    2021): octave ``l`` is weighted by ``(1 - cos(pi * clamp(progress * L - l, 0, 1))) / 2``, so at 0 only the
+    coordinates remain and at 1 every octave has full weight. The angles are computed in at least fp32 (in bf16,
+    ``2^7 pi x`` is off by more than a full turn) and the result is returned in the dtype of ``coords``."""
     if octaves == 0:
         return coords
     work = coords.float() if coords.dtype in (torch.float16, torch.bfloat16) else coords
     scales = torch.pi * 2.0 ** torch.arange(octaves, device=coords.device, dtype=work.dtype)  # [L]
-    angles = (work.unsqueeze(-1) * scales).flatten(-2)  # [..., 2L]
-    return torch.cat([work, angles.sin(), angles.cos()], dim=-1).to(coords.dtype)  # [..., 2 + 4L]
+    angles = (work.unsqueeze(-1) * scales).flatten(-2)  # [..., 2L]: x at every octave, then y at every octave
+    sines, cosines = angles.sin(), angles.cos()
+    if progress is not None:
+        octave = torch.arange(octaves, device=coords.device, dtype=work.dtype)  # [L]
+        ramp = (progress.to(work.dtype) * octaves - octave).clamp(0, 1)  # [L]
+        weight = ((1 - torch.cos(torch.pi * ramp)) / 2).repeat(2)  # [2L], the angles' order: x's octaves, y's
+        sines, cosines = sines * weight, cosines * weight
+    return torch.cat([work, sines, cosines], dim=-1).to(coords.dtype)  # [..., 2 + 4L]
 
 
 class SoftPositionEmbed(nn.Module):
@@ -47,12 +55,13 @@ class SoftPositionEmbed(nn.Module):
         super().__init__()
         self.octaves = octaves
         self.proj = nn.Linear(2 + 4 * octaves if octaves else 4, channels)
+        self.progress: torch.Tensor | None = None  # coarse-to-fine fade-in of the octaves (fourier_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, _, h, w = features.shape
         grid = position_grid(h, w, features.device)  # [H, W, 4], fp32
-        if self.octaves:
-            grid = fourier_features(grid[..., :2] * 2 - 1, self.octaves)  # [H, W, 2 + 4L], angles in fp32
+        if self.octaves:  # [H, W, 2 + 4L], angles in fp32
+            grid = fourier_features(grid[..., :2] * 2 - 1, self.octaves, self.progress)
         return features + self.proj(grid.to(features.dtype)).permute(2, 0, 1).unsqueeze(0)  # [B, C, H, W]
 
 
