@@ -45,7 +45,6 @@ from slotlab.runs import choose_checkpoint, eval_dir, read_metrics  # noqa: E402
 PRESETS = ("tetrominoes-cpu", "multi-dsprites-cpu", "clevr6-cpu", "sprites-cpu")
 # FG-ARI (%) of Slot Attention in Locatello et al. (2020), Table 1: mean over 5 seeds, 500k steps on a GPU.
 PAPER_FG_ARI = {"tetrominoes": 99.5, "multi_dsprites": 91.3, "clevr6": 98.8}
-COLUMNS = ("steps", "train_minutes", "images_per_s", "fg_ari", "ari", "miou", "mbo", "mse")
 
 
 def machine() -> str:
@@ -81,7 +80,9 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
     checkpoint = choose_checkpoint(run_dir, "best")
     metrics = json.loads((eval_dir(run_dir, "val", checkpoint) / "metrics.json").read_text())
     more = {}
-    if test_iters:
+    if test_iters == metrics.get("iters"):  # the trained T: the plain evaluation is that one
+        more = metrics
+    elif test_iters:
         slotlab("eval", str(run_dir), "--iters", str(test_iters))
         more = json.loads((eval_dir(run_dir, "val", checkpoint, iters=test_iters) / "metrics.json").read_text())
     records = read_metrics(run_dir)

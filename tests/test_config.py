@@ -28,6 +28,7 @@ def test_overrides_are_typed():
     ("data.cache=maybe", "expected a value of type bool"),
     ("train=3", "is a section"),
     ("steps", "key=value"),
+    ("model.decoder_octave_fade=100", "model.decoder_octaves=0"),  # a fade of no octaves
 ])
 def test_bad_overrides_raise_user_errors(override, message):
     with pytest.raises(UserError, match=message):

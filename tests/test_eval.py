@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import types
 
 import numpy as np
@@ -146,6 +147,12 @@ def test_eval_with_more_iterations_at_test_time_keeps_the_plain_evaluation(evalu
     assert json.loads((run_dir / "eval" / "val-last-first10" / "metrics.json").read_text()) == plain
     again = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", iters=3)  # T as trained: the plain one
     assert {**again, "eval_seconds": 0} == {**plain, "eval_seconds": 0}
+    from slotlab.runs import find_eval
+
+    assert find_eval(run_dir).name == "val-last-first10"  # the report shows the trained T, though T9 came later
+    (run_dir / "eval" / "val-last-first10" / "metrics.json").touch()
+    os.utime(run_dir / "eval" / "val-last-first10-T9" / "metrics.json")  # now the newest
+    assert find_eval(run_dir).name == "val-last-first10"
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -149,10 +149,11 @@ def test_fourier_octaves_fade_in_from_coarse_to_fine_and_the_stage_is_saved():
     config = apply_overrides(get_preset("smoke"), ["model.decoder_octaves=4", "model.decoder_octave_fade=100"])
     model = SlotAutoencoder(config).train()
     batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
-    model.compute_loss(batch, step=25)
+    model.set_step(25)  # the trainer's hook before each step
     assert model.decoder.octave_progress.item() == 0.25
-    model.compute_loss(batch, step=1000)
+    model.set_step(1000)
     assert model.decoder.octave_progress.item() == 1.0
+    model.set_step(50)
     model.compute_loss(batch, step=50)
     state = model.state_dict()  # the stage travels with the weights, and .to() keeps the embedding on it
     restored = SlotAutoencoder(config).to(torch.float64)

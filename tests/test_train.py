@@ -36,6 +36,14 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     assert any((run / "tb").iterdir())
 
 
+def test_the_trainer_advances_the_decoders_octave_fade_every_step(tmp_path):
+    config = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=3", "model.decoder_octaves=2",
+                                                         "model.decoder_octave_fade=4"])
+    train(config, tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["model"]["decoder.octave_progress"].item() == 0.5  # set to step 2 / 4 before the last step
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=6"])
     train(base, tmp_path / "full")

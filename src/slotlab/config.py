@@ -742,6 +742,9 @@ def _check_relations(config: Config) -> None:
     if upsamplings < 0 or not upsamplings.is_integer():
         raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "
                         "power of two (the broadcast decoder doubles the grid until it reaches the image)")
+    if model.decoder_octave_fade and not model.decoder_octaves:
+        raise UserError(f"model.decoder_octave_fade={model.decoder_octave_fade} fades Fourier octaves in, but "
+                        "model.decoder_octaves=0 (set model.decoder_octaves=L too)")
     if train.min_lr > train.lr:
         raise UserError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}")
     if config.diffusion.beta_end <= config.diffusion.beta_start:

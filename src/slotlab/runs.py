@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -223,7 +224,9 @@ def find_eval(run_dir: Path) -> Path | None:
     for folder in preferred:
         if (folder / "metrics.json").is_file():
             return folder
-    found = sorted(root.glob("*/metrics.json"), key=lambda path: path.stat().st_mtime)
+    # the latest, preferring evaluations with the trained number of iterations to those with more (-T<n>)
+    found = sorted(root.glob("*/metrics.json"),
+                   key=lambda path: (re.search(r"-T\d+$", path.parent.name) is None, path.stat().st_mtime))
     if found:
         return found[-1].parent
     return root if (root / "metrics.json").is_file() else None

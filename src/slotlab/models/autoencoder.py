@@ -86,11 +86,13 @@ class SlotAutoencoder(nn.Module):
         checkpoint = "best" if (run / "checkpoints" / "best.pt").exists() else "last"
         try:
             _, state = load_run(run, checkpoint)
-            weights = {name: value for name, value in state["model"].items() if not name.startswith("quantiser.")}
+            # The decoder's fade stage restarts with this run's own schedule.
+            weights = {name: value for name, value in state["model"].items()
+                       if not name.startswith("quantiser.") and name != "decoder.octave_progress"}
             missing, unexpected = self.load_state_dict(weights, strict=False)
         except (UserError, RuntimeError) as exc:  # RuntimeError: tensor shapes differ
             raise UserError(f"vq.init_run={str(run)!r}: {str(exc).splitlines()[0][:300]}") from None
-        missing = [name for name in missing if not name.startswith("quantiser.")]
+        missing = [name for name in missing if not name.startswith("quantiser.") and name != "decoder.octave_progress"]
         if missing or unexpected:
             raise UserError(f"vq.init_run={str(run)!r} is not a slot autoencoder of this shape (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]})")
@@ -142,13 +144,16 @@ class SlotAutoencoder(nn.Module):
             codes=quantised.codes, code_logits=quantised.logits, kl=quantised.kl, positions=quantised.positions,
         )
 
+    def set_step(self, step: int) -> None:
+        """Trainer hook, called before each training step (outside ``torch.compile``): advances what depends on the
+        step, the decoder's coarse-to-fine fade of its Fourier octaves (``model.decoder_octave_fade``)."""
+        self.decoder.set_step(step)
+
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[torch.Tensor, dict]:
         """MSE between the image and its reconstruction, averaged over batch, pixels and channels.
 
         VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``.
         """
-        if self.training:
-            self.decoder.set_step(step)
         out = self(batch["image"], step=step)
         loss = F.mse_loss(out.recon.float(), batch["image"].float())
         if out.kl is None:

@@ -311,10 +311,10 @@ def plot_curves(run_dir: Path) -> Path | None:
     ax.set_title("learning rate")
     if has_ari:
         ax = axes[2]
-        for name in ("ari", "fg_ari"):
+        for name, label in (("ari", "ARI"), ("fg_ari", "FG-ARI"), ("attn_fg_ari", "FG-ARI, attention masks")):
             points = [(r.get("epoch", r["step"]), r[name]) for r in val if name in r]
             if points:
-                ax.plot(*zip(*points), "o-", ms=3, label=name.upper().replace("_", "-"))
+                ax.plot(*zip(*points), "o-" if name != "attn_fg_ari" else "o--", ms=3, label=label)
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)

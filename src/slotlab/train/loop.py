@@ -321,6 +321,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        if hasattr(self.model, "set_step"):  # step-dependent schedules inside the model (the decoder's octave fade)
+            self.model.set_step(self.step)
         with autocast_context(self.device, cfg.precision), batch_shard(self.dist.rank, self.dist.world_size):
             loss, logs = self.loss_fn(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
