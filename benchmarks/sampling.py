@@ -18,7 +18,10 @@ The reference (ratio 1.0) is DDPM-1000 in the same process.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="CPU: repeats of each timed part (best is kept)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--full", action="store_true", help="run every step even on CPU (slow)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (with device and command)")
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -135,6 +139,15 @@ def main() -> None:
               f" | {how}")
     if check:
         print(check)
+    if args.json:
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        record = {"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "precision": args.precision, "preset": args.preset, "batch": batch,
+                  "command": "python benchmarks/sampling.py " + " ".join(sys.argv[1:]), "check": check,
+                  "rows": [{"sampler": sampler, "steps": steps, "seconds_per_batch": seconds,
+                            "images_per_s": images_per_s, "how": how}
+                           for sampler, steps, seconds, images_per_s, how in rows]}
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

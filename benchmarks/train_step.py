@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 dense peak of the device (TFLOP/s)")
     parser.add_argument("--no-plain", action="store_true", help="time slotlab only")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (with device and command)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}{load}; torch {torch.__version__}; bf16 peak: {f'{peak:.0f} TFLOP/s' if peak else 'n/a'}")
     header = ("| config | impl | batch | images/s (median) | images/s (best) | ratio (median / best) | peak MiB | "
               "GFLOP/image | TFLOP/s | % bf16 peak | syncs/step |")
-    rows = []
+    rows, records = [], []
     for label in [c.strip() for c in args.configs.split(",") if c.strip()]:
         if label not in CONFIGS:
             raise SystemExit(f"unknown config {label!r} (known: {', '.join(CONFIGS)})")
@@ -381,6 +383,13 @@ def main(argv: list[str] | None = None) -> None:
                          f"{r.best_images_per_s / plain.best_images_per_s:.2f}x")
             share = f"{100 * tflops / peak:.1f}%" if peak else "-"
             syncs = out["syncs"][r.name]
+            records.append({
+                "config": label, "preset": out["preset"], "resolution": cfg.data.resolution,
+                "num_slots": cfg.model.num_slots, "impl": r.name, "batch": out["batch"],
+                "images_per_s_median": r.images_per_s, "images_per_s_best": r.best_images_per_s,
+                "peak_mib": r.peak_mib, "gflop_per_image": r.flops_per_image / 1e9, "tflop_per_s": tflops,
+                "syncs_per_step": syncs, "compile": out["compile"],
+            })
             rows.append(f"| {label} {cfg.data.resolution}px K={cfg.model.num_slots} | {r.name} | {out['batch']} | "
                         f"{r.images_per_s:.2f} | {r.best_images_per_s:.2f} | {ratio} | {r.peak_mib:.0f} | "
                         f"{r.flops_per_image / 1e9:.2f} | {tflops:.3f} | {share} | "
@@ -390,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(row)
+    if args.json:
+        command = "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "command": command,
+                                               "rows": records}, indent=1) + "\n")
     print("\nratio = slotlab / plain images/s, of the median and of the best round; FLOPs = matmuls + convolutions, "
           "forward + backward (slotlab's Slot Attention needs slightly fewer: k and v are folded into the slot side).")
 

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="new run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--devices", type=int, default=1, metavar="G",
-                   help="train data-parallel in G processes (one per GPU; gloo on CPU) launched with torchrun")
+                   help="train data-parallel in G processes (one per GPU; gloo on CPU) launched with torchrun; "
+                        "1 = in this process, no torchrun")
     _add_skip_bad(p)
 
     p = add("eval", cmd_eval, "score a run on a split; writes RUN_DIR/eval/")
