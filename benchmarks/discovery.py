@@ -128,14 +128,15 @@ def markdown(rows: list[dict], header: str) -> str:
     for preset in dict.fromkeys(r["preset"] for r in rows):
         group = [r for r in rows if r["preset"] == preset]
         paper = PAPER_FG_ARI.get(group[0]["dataset"])
-        for r in group:
-            cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in values(r).items())
+        scores = [values(r) for r in group]
+        for r, found in zip(group, scores):
+            cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in found.items())
             lines.append(f"| `{preset}` | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
                          f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |")
         if len(group) > 1:
             cells = []
             for name in names:
-                known = [values(r)[name] for r in group if values(r)[name] is not None]
+                known = [found[name] for found in scores if found[name] is not None]
                 mean = sum(known) / len(known) if len(known) == len(group) else None
                 cell = _score(mean, 4 if name == "mse" else 3)
                 cells.append(f"**{cell}**" if name == "fg_ari" and cell else cell)

@@ -150,18 +150,18 @@ def test_fourier_octaves_fade_in_from_coarse_to_fine_and_the_stage_is_saved():
     model = SlotAutoencoder(config).train()
     batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
     model.set_step(25)  # the trainer's hook before each step
-    assert model.decoder.octave_progress.item() == 0.25
+    assert model.decoder.pos.progress.item() == 0.25
     model.set_step(1000)
-    assert model.decoder.octave_progress.item() == 1.0
+    assert model.decoder.pos.progress.item() == 1.0
     model.set_step(50)
     model.compute_loss(batch, step=50)
-    state = model.state_dict()  # the stage travels with the weights, and .to() keeps the embedding on it
+    state = model.state_dict()  # the stage travels with the weights, and through .to()
+    assert state["decoder.pos.progress"].item() == 0.5
     restored = SlotAutoencoder(config).to(torch.float64)
     restored.load_state_dict(state)
-    assert restored.decoder.pos.progress is restored.decoder.octave_progress
-    assert restored.decoder.octave_progress.item() == 0.5
+    assert restored.decoder.pos.progress.item() == 0.5
     restored.eval().float()
-    assert restored.decoder.pos.progress is restored.decoder.octave_progress
+    assert restored.decoder.pos.progress.dtype == torch.float32 and restored.decoder.pos.progress.item() == 0.5
     torch.manual_seed(0)  # the same slot-initialisation noise for both
     expected = model.eval()(batch["image"]).recon
     torch.manual_seed(0)

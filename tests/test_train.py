@@ -41,7 +41,7 @@ def test_the_trainer_advances_the_decoders_octave_fade_every_step(tmp_path):
                                                          "model.decoder_octave_fade=4"])
     train(config, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
-    assert state["model"]["decoder.octave_progress"].item() == 0.5  # set to step 2 / 4 before the last step
+    assert state["model"]["decoder.pos.progress"].item() == 0.5  # set to step 2 / 4 before the last step
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -88,11 +88,11 @@ class SlotAutoencoder(nn.Module):
             _, state = load_run(run, checkpoint)
             # The decoder's fade stage restarts with this run's own schedule.
             weights = {name: value for name, value in state["model"].items()
-                       if not name.startswith("quantiser.") and name != "decoder.octave_progress"}
+                       if not name.startswith("quantiser.") and name != "decoder.pos.progress"}
             missing, unexpected = self.load_state_dict(weights, strict=False)
         except (UserError, RuntimeError) as exc:  # RuntimeError: tensor shapes differ
             raise UserError(f"vq.init_run={str(run)!r}: {str(exc).splitlines()[0][:300]}") from None
-        missing = [name for name in missing if not name.startswith("quantiser.") and name != "decoder.octave_progress"]
+        missing = [name for name in missing if not name.startswith("quantiser.") and name != "decoder.pos.progress"]
         if missing or unexpected:
             raise UserError(f"vq.init_run={str(run)!r} is not a slot autoencoder of this shape (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]})")

@@ -56,12 +56,8 @@ class SpatialBroadcastDecoder(nn.Module):
             raise ValueError(f"decoder: resolution {resolution} is not grid {grid} times a power of two")
         self.grid = grid
         self.octaves = octaves
-        self.pos = SoftPositionEmbed(slot_dim, octaves)
-        # Where the fade-in stands (0 -> 1), saved with the weights so that a checkpoint decodes as it was trained.
         self.octave_fade_steps = octave_fade_steps if octaves else 0
-        if self.octave_fade_steps:
-            self.register_buffer("octave_progress", torch.zeros(()))
-            self.pos.progress = self.octave_progress
+        self.pos = SoftPositionEmbed(slot_dim, octaves, fade=self.octave_fade_steps > 0)  # holds the fade's stage
         # Slot frames: a linear embedding of (the Fourier features of) the slot's own (x, y) coordinates.
         self.frame_embed = nn.Linear(2 + 4 * octaves, slot_dim) if frames else None
         layers: list[nn.Module] = []
@@ -83,13 +79,7 @@ class SpatialBroadcastDecoder(nn.Module):
     def set_step(self, step: int) -> None:
         """Advance the coarse-to-fine fade-in of the Fourier octaves to training step ``step``."""
         if self.octave_fade_steps:
-            self.octave_progress.fill_(min(1.0, step / self.octave_fade_steps))
-
-    def _apply(self, fn, recurse=True):  # .to(device) replaces the buffer: keep the embedding pointing at it
-        super()._apply(fn, recurse)
-        if self.octave_fade_steps:
-            self.pos.progress = self.octave_progress
-        return self
+            self.pos.progress.fill_(min(1.0, step / self.octave_fade_steps))
 
     def forward(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
                 scales: torch.Tensor | None = None) -> DecoderOutput:

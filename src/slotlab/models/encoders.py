@@ -51,11 +51,13 @@ class SoftPositionEmbed(nn.Module):
     [-1, 1]) instead: the decoders' option ``model.decoder_octaves``.
     """
 
-    def __init__(self, channels: int, octaves: int = 0):
+    def __init__(self, channels: int, octaves: int = 0, fade: bool = False):
         super().__init__()
         self.octaves = octaves
         self.proj = nn.Linear(2 + 4 * octaves if octaves else 4, channels)
-        self.progress: torch.Tensor | None = None  # coarse-to-fine fade-in of the octaves (fourier_features)
+        # The coarse-to-fine fade-in of the octaves (fourier_features), None = none; saved with the weights, so that a
+        # checkpoint decodes as it was trained.
+        self.register_buffer("progress", torch.zeros(()) if fade and octaves else None)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, _, h, w = features.shape
