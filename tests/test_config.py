@@ -29,6 +29,8 @@ def test_overrides_are_typed():
     ("train=3", "is a section"),
     ("steps", "key=value"),
     ("model.decoder_octave_fade=100", "model.decoder_octaves=0"),  # a fade of no octaves
+    ("model.decoder_pixels=0.5", "model.decoder_kind=mlp"),  # the convolutional decoder draws every pixel
+    ("model.decoder_kind=mlps", "model.decoder_kind"),
 ])
 def test_bad_overrides_raise_user_errors(override, message):
     with pytest.raises(UserError, match=message):

@@ -168,6 +168,53 @@ def test_fourier_octaves_fade_in_from_coarse_to_fine_and_the_stage_is_saved():
     torch.testing.assert_close(restored(batch["image"]).recon, expected)
 
 
+def test_the_mlp_decoder_decodes_any_subset_of_pixels_as_the_whole_image_does():
+    from slotlab.models.mlp_decoder import PixelMLPDecoder
+
+    torch.manual_seed(0)
+    decoder = PixelMLPDecoder(slot_dim=8, resolution=6, channels=16, layers=2)
+    slots = torch.randn(2, 3, 8)
+    whole = decoder.decode(slots)
+    assert whole.recon.shape == (2, 3, 6, 6) and whole.masks.shape == (2, 3, 6, 6)
+    assert whole.slot_recons.shape == (2, 3, 3, 6, 6)
+    torch.testing.assert_close(whole.masks.sum(dim=1), torch.ones(2, 6, 6))
+    pixels = torch.tensor([0, 7, 35, 20])  # row-major: (0, 0), (1, 1), (5, 5), (3, 2)
+    recon, masks, slot_recons = decoder.decode_pixels(slots, pixels)
+    rows, cols = pixels // 6, pixels % 6
+    torch.testing.assert_close(recon, whole.recon[:, :, rows, cols].transpose(1, 2))  # [B, P, 3]
+    torch.testing.assert_close(masks, whole.masks[:, :, rows, cols])  # [B, K, P]
+    torch.testing.assert_close(slot_recons, whole.slot_recons[..., rows, cols].transpose(2, 3))  # [B, K, P, 3]
+    # The factorised first layer is the plain per-pixel MLP of (slot + position embedding).
+    position = decoder.pos(torch.zeros(1, 8, 6, 6))[0, :, 2, 3]  # [D] at row 2, column 3
+    logits = decoder.net(decoder.first(slots + position))  # [B, K, 4]
+    torch.testing.assert_close(whole.masks[:, :, 2, 3], logits[..., 0].softmax(dim=1))
+
+
+def test_a_pixel_sampled_training_loss_estimates_the_full_one_and_evaluation_decodes_every_pixel():
+    config = apply_overrides(get_preset("smoke"), ["model.decoder_kind=mlp", "model.decoder_pixels=0.25"])
+    torch.manual_seed(0)
+    model = SlotAutoencoder(config)
+    image = torch.rand(4, 3, 16, 16) * 2 - 1
+    batch = {"image": image}
+    model.eval()
+    torch.manual_seed(1)
+    full, _ = model.compute_loss(batch)
+    torch.manual_seed(1)  # the same slot-initialisation noise
+    assert model(image).recon.shape == (4, 3, 16, 16)
+    torch.manual_seed(1)
+    torch.testing.assert_close(full, torch.nn.functional.mse_loss(model(image).recon, image))
+    model.train()
+    samples = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        loss, logs = model.compute_loss(batch)
+        samples.append(loss.item())
+    assert len(set(samples)) > 1  # other pixels every step
+    assert abs(sum(samples) / len(samples) - full.item()) < 0.1 * full.item()  # unbiased: the mean is close
+    loss.backward()
+    assert model.decoder.first.weight.grad.abs().sum() > 0 and model.encoder.mlp[0].weight.grad.abs().sum() > 0
+
+
 def test_decoder_rejects_a_resolution_that_is_not_grid_times_power_of_two():
     with pytest.raises(ValueError):
         SpatialBroadcastDecoder(slot_dim=8, resolution=40, grid=8)

@@ -44,6 +44,15 @@ def test_the_trainer_advances_the_decoders_octave_fade_every_step(tmp_path):
     assert state["model"]["decoder.pos.progress"].item() == 0.5  # set to step 2 / 4 before the last step
 
 
+def test_a_pixel_sampling_mlp_decoder_run_trains_and_resumes_exactly(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4", "model.decoder_kind=mlp",
+                                                       "model.decoder_pixels=0.3"])
+    train(base, tmp_path / "full")
+    train(apply_overrides(base, ["train.steps=2"]), tmp_path / "split")
+    resume(tmp_path / "split", ["train.steps=4"])
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=6"])
     train(base, tmp_path / "full")

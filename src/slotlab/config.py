@@ -85,10 +85,16 @@ class ModelConfig:
     # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the
     # initial slots getting that gradient straight through. Implied by slot_init=bo_qsa (learned + this).
     implicit_grad: bool = False
+    # cnn: the spatial broadcast decoder (transposed convolutions); mlp: the same per pixel (1x1 layers), which
+    # can decode a random subset of the pixels in training (decoder_pixels)
+    decoder_kind: str = _field("cnn", choices=("cnn", "mlp"))
     decoder_channels: int = _field(64, lo=1, hi=4096)  # width of the spatial broadcast decoder
     decoder_grid: int = _field(8, lo=1, hi=1024)  # side of the grid each slot is broadcast to
     decoder_kernel: int = _field(5, lo=1, hi=15)  # kernel of the decoder's stride-1 layers (odd)
     decoder_layers: int = _field(1, lo=0, hi=32)  # stride-1 layers at full resolution (after the upsampling ones)
+    #   (mlp: hidden layers)
+    # mlp decoder: fraction of the pixels decoded (and scored by the MSE) per training step, drawn at random
+    decoder_pixels: float = _field(1.0, gt=0.0, hi=1.0)
     # Decoder position embedding: 0 = the paper's linear map of (x, y, 1-x, 1-y); L > 0 = Fourier features of
     # (x, y) with L octaves (in each slot's frame under invariant slot attention), for sharp edges sooner
     decoder_octaves: int = _field(0, lo=0, hi=16)
@@ -732,14 +738,30 @@ def check_config(config: Config, where: str = "") -> Config:
     return config
 
 
+def _check_mlp_decoder(model: ModelConfig) -> None:
+    if model.decoder_pixels < 1 and model.decoder_kind != "mlp":
+        raise UserError(f"model.decoder_pixels={model.decoder_pixels:g} needs model.decoder_kind=mlp (the "
+                        "convolutional decoder draws every pixel)")
+    if model.decoder_kind == "mlp":
+        if model.decoder_layers < 1:
+            raise UserError("model.decoder_layers=0: model.decoder_kind=mlp needs at least one hidden layer")
+        if model.grouping == "invariant_slot_attention":
+            raise UserError("model.decoder_kind=mlp does not draw slots in their frames yet "
+                            "(model.grouping=invariant_slot_attention needs model.decoder_kind=cnn)")
+        if model.decoder_pixels < 1 and model.quantiser != "none":
+            raise UserError(f"model.decoder_pixels={model.decoder_pixels:g} is not available with "
+                            f"model.quantiser={model.quantiser} yet")
+
+
 def _check_relations(config: Config) -> None:
     data, model, train = config.data, config.model, config.train
     if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
+    _check_mlp_decoder(model)
     upsamplings = math.log2(data.resolution / model.decoder_grid)
-    if upsamplings < 0 or not upsamplings.is_integer():
+    if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
         raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "
                         "power of two (the broadcast decoder doubles the grid until it reaches the image)")
     if model.decoder_octave_fade and not model.decoder_octaves:

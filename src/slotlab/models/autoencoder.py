@@ -17,6 +17,7 @@ from slotlab.config import Config
 from slotlab.errors import UserError
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ImageEncoder
+from slotlab.models.mlp_decoder import PixelMLPDecoder
 from slotlab.models.quantiser import QuantiserOutput, attention_centroids, build_quantiser
 from slotlab.models.slot_attention import GroupingOutput, build_grouping
 
@@ -56,10 +57,18 @@ class SlotAutoencoder(nn.Module):
         self.frames = getattr(self.grouping, "frames", False)
         if self.frames:
             self.encoder.pos = nn.Identity()
-        self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
-                                               cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
-                                               frames=self.frames, octaves=cfg.decoder_octaves,
-                                               octave_fade_steps=cfg.decoder_octave_fade)
+        self.decoder: SpatialBroadcastDecoder | PixelMLPDecoder
+        if cfg.decoder_kind == "mlp":
+            if self.frames:
+                raise UserError(f"model.decoder_kind=mlp is not available with model.grouping={cfg.grouping!r} yet")
+            self.decoder = PixelMLPDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
+                                           cfg.decoder_layers, octaves=cfg.decoder_octaves,
+                                           octave_fade_steps=cfg.decoder_octave_fade)
+        else:
+            self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
+                                                   cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
+                                                   frames=self.frames, octaves=cfg.decoder_octaves,
+                                                   octave_fade_steps=cfg.decoder_octave_fade)
         self.num_slots = cfg.num_slots
         # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
         # decode(), slot libraries, composition and mixing see one tensor.
@@ -152,14 +161,29 @@ class SlotAutoencoder(nn.Module):
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[torch.Tensor, dict]:
         """MSE between the image and its reconstruction, averaged over batch, pixels and channels.
 
-        VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``.
+        VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``. With
+        ``model.decoder_pixels < 1`` a training step decodes and scores only that fraction of the pixels, drawn at
+        random (the same pixels for the whole batch): an unbiased estimate of the full MSE.
         """
+        fraction = self.config.model.decoder_pixels
+        if self.training and fraction < 1:
+            return self._pixel_sample_loss(batch["image"], fraction)
         out = self(batch["image"], step=step)
         loss = F.mse_loss(out.recon.float(), batch["image"].float())
         if out.kl is None:
             return loss, {"mse": loss.detach()}
         logs = {"mse": loss.detach(), "kl": out.kl.detach(), "tau": torch.tensor(self.quantiser.temperature(step))}
         return loss + self.config.vq.beta * out.kl, logs
+
+    def _pixel_sample_loss(self, image: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict]:
+        """The MSE at a random ``fraction`` of the pixels (the MLP decoder decodes only those)."""
+        grouped, _ = self.group(image)
+        num_pixels = image.shape[-2] * image.shape[-1]
+        pixels = torch.randperm(num_pixels, device=image.device)[:max(1, round(fraction * num_pixels))]  # [P]
+        recon, _, _ = self.decoder.decode_pixels(grouped.slots, pixels)  # [B, P, 3]
+        target = image.flatten(2)[:, :, pixels].transpose(1, 2)  # [B, P, 3]
+        loss = F.mse_loss(recon.float(), target.float())
+        return loss, {"mse": loss.detach()}
 
     @torch.no_grad()
     def predict_masks(self, image: torch.Tensor) -> torch.Tensor:
