@@ -51,6 +51,15 @@ def test_table_has_one_row_per_run_with_its_numbers(tmp_path):
     assert "AP∞ %" in lines[-1] and "slotlab eval (set prediction runs)" in lines[-1]  # columns no run has
 
 
+def test_an_evaluation_with_other_test_time_iterations_says_so(tmp_path):
+    trained = get_preset("sprites-cpu").model.iters
+    same = make_run(tmp_path, "same", eval_metrics={"fg_ari": 0.7, "iters": trained})
+    more = make_run(tmp_path, "more", eval_metrics={"fg_ari": 0.7, "iters": trained + 8})
+    lines = compare_runs([same, more]).splitlines()
+    assert "| val 500 img, best |" in lines[2]
+    assert f"| val 500 img, best, T={trained + 8} |" in lines[3]
+
+
 def test_set_prediction_runs_show_ap_in_percent(tmp_path):
     run = make_run(tmp_path, "setpred", ["task=setpred"],
                    eval_metrics={"ap_inf": 0.943, "ap_1": 0.867, "ap_0.5": 0.56, "ap_0.25": 0.108, "ap_0.125": 0.009})

@@ -111,3 +111,12 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (1200, 1000, 3)
     assert image.std() > 20  # text, table and pictures, not a blank page
+
+
+def test_attention_figure_shows_at_most_eight_iterations_from_first_to_last():
+    from slotlab.report.plots import MAX_ATTENTION_ROWS, shown_iterations
+
+    assert shown_iterations(7) == list(range(7))
+    forty = shown_iterations(40)  # slotlab eval --iters 40
+    assert len(forty) == MAX_ATTENTION_ROWS and forty[0] == 0 and forty[-1] == 39
+    assert forty == sorted(set(forty))

@@ -231,12 +231,25 @@ def slots_figure(images: torch.Tensor, true_ids: torch.Tensor | None, masks: tor
                           cell_size=_cell_size(images.shape[-1]))
 
 
+MAX_ATTENTION_ROWS = 8  # iterations shown per image in attention.png
+
+
+def shown_iterations(iterations: int) -> list[int]:
+    """The (0-based) iterations ``attention_figure`` shows: all of them, or ``MAX_ATTENTION_ROWS`` evenly spaced
+    ones from the first to the last."""
+    if iterations <= MAX_ATTENTION_ROWS:
+        return list(range(iterations))
+    return sorted({round(i * (iterations - 1) / (MAX_ATTENTION_ROWS - 1)) for i in range(MAX_ATTENTION_ROWS)})
+
+
 def attention_figure(images: torch.Tensor, true_ids: torch.Tensor | None, masks: torch.Tensor,
                      attn_per_iter: Sequence[torch.Tensor], feature_size: tuple[int, int]) -> plt.Figure:
     """Slot Attention's attention maps at every iteration: one block of rows per image, one row per iteration.
 
-    Column 0 shows the image (first row) and the final predicted mask (second row); the other columns show slot k's
-    attention over the feature grid, white at 0 and the slot's mask colour at 1 (attention sums to 1 over slots).
+    With more than :data:`MAX_ATTENTION_ROWS` iterations (``slotlab eval --iters 40``) only that many are shown,
+    evenly spaced from the first to the last. Column 0 shows the image (first row) and the final predicted mask
+    (second row); the other columns show slot k's attention over the feature grid, white at 0 and the slot's mask
+    colour at 1 (attention sums to 1 over slots).
     """
     num_slots = masks.shape[1]
     h, w = feature_size
@@ -245,9 +258,10 @@ def attention_figure(images: torch.Tensor, true_ids: torch.Tensor | None, masks:
     for i in range(images.shape[0]):
         colours = slot_colours(pred_ids[i], None if true_ids is None else true_ids[i].cpu().numpy(), num_slots)
         firsts = [to_uint8_image(images[i]), _coloured_masks(pred_ids[i], colours)]
-        for t, attn in enumerate(attn_per_iter):
+        for row, t in enumerate(shown_iterations(len(attn_per_iter))):
+            attn = attn_per_iter[t]
             maps = attn[i].float().reshape(num_slots, h, w).cpu().numpy()  # [K, h, w]
-            rows.append([firsts[t] if t < len(firsts) else None] + [_tint(maps[k], int(colours[k]))
+            rows.append([firsts[row] if row < len(firsts) else None] + [_tint(maps[k], int(colours[k]))
                                                                     for k in range(num_slots)])
             labels.append(f"#{i} iter {t + 1}")
     columns = ["image / masks"] + [f"slot {k}" for k in range(num_slots)]
