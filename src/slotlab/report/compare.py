@@ -112,12 +112,16 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _describe(config: dict[str, Any]) -> str:
-    """Short label of what a run trained: task, grouping, slot initialisation, quantiser if not default."""
+    """Short label of what a run trained: task, grouping, slot initialisation, quantiser and decoder if not
+    default."""
     model = config.get("model", {})
     parts = [config.get("task", "autoencoder"), model.get("grouping", "slot_attention"),
              model.get("slot_init", "gaussian")]
     if model.get("quantiser", "none") != "none":
         parts.append(model["quantiser"])
+    if model.get("decoder_kind", "cnn") != "cnn":
+        pixels = model.get("decoder_pixels", 1.0)
+        parts.append(f"{model['decoder_kind']} decoder" + (f" {pixels:.0%} px" if pixels < 1 else ""))
     return " / ".join(parts)
 
 
