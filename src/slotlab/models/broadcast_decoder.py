@@ -56,8 +56,7 @@ class SpatialBroadcastDecoder(nn.Module):
             raise ValueError(f"decoder: resolution {resolution} is not grid {grid} times a power of two")
         self.grid = grid
         self.octaves = octaves
-        self.octave_fade_steps = octave_fade_steps if octaves else 0
-        self.pos = SoftPositionEmbed(slot_dim, octaves, fade=self.octave_fade_steps > 0)  # holds the fade's stage
+        self.pos = SoftPositionEmbed(slot_dim, octaves, octave_fade_steps)  # holds the fade and its stage
         # Slot frames: a linear embedding of (the Fourier features of) the slot's own (x, y) coordinates.
         self.frame_embed = nn.Linear(2 + 4 * octaves, slot_dim) if frames else None
         layers: list[nn.Module] = []
@@ -78,8 +77,7 @@ class SpatialBroadcastDecoder(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Advance the coarse-to-fine fade-in of the Fourier octaves to training step ``step``."""
-        if self.octave_fade_steps:
-            self.pos.progress.fill_(min(1.0, step / self.octave_fade_steps))
+        self.pos.set_step(step)
 
     def forward(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
                 scales: torch.Tensor | None = None) -> DecoderOutput:

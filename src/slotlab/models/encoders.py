@@ -51,13 +51,19 @@ class SoftPositionEmbed(nn.Module):
     [-1, 1]) instead: the decoders' option ``model.decoder_octaves``.
     """
 
-    def __init__(self, channels: int, octaves: int = 0, fade: bool = False):
+    def __init__(self, channels: int, octaves: int = 0, fade_steps: int = 0):
         super().__init__()
         self.octaves = octaves
         self.proj = nn.Linear(2 + 4 * octaves if octaves else 4, channels)
-        # The coarse-to-fine fade-in of the octaves (fourier_features), None = none; saved with the weights, so that a
-        # checkpoint decodes as it was trained.
-        self.register_buffer("progress", torch.zeros(()) if fade and octaves else None)
+        # The coarse-to-fine fade-in of the octaves (fourier_features) over fade_steps training steps (0 = none); its
+        # stage is saved with the weights, so that a checkpoint decodes as it was trained.
+        self.fade_steps = fade_steps if octaves else 0
+        self.register_buffer("progress", torch.zeros(()) if self.fade_steps else None)
+
+    def set_step(self, step: int) -> None:
+        """Advance the fade-in of the octaves to training step ``step`` (a no-op without a fade)."""
+        if self.fade_steps:
+            self.progress.fill_(min(1.0, step / self.fade_steps))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, _, h, w = features.shape

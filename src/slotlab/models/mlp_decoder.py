@@ -38,8 +38,7 @@ class PixelMLPDecoder(nn.Module):
         if layers < 1:
             raise ValueError("the MLP decoder needs at least one hidden layer")
         self.resolution = resolution
-        self.octave_fade_steps = octave_fade_steps if octaves else 0
-        self.pos = SoftPositionEmbed(slot_dim, octaves, fade=self.octave_fade_steps > 0)
+        self.pos = SoftPositionEmbed(slot_dim, octaves, octave_fade_steps)  # holds the fade and its stage
         self.first = nn.Linear(slot_dim, channels)
         hidden: list[nn.Module] = [nn.ReLU(inplace=True)]
         for _ in range(layers - 1):
@@ -48,8 +47,7 @@ class PixelMLPDecoder(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Advance the coarse-to-fine fade-in of the Fourier octaves to training step ``step``."""
-        if self.octave_fade_steps:
-            self.pos.progress.fill_(min(1.0, step / self.octave_fade_steps))
+        self.pos.set_step(step)
 
     def forward(self, slots: torch.Tensor) -> DecoderOutput:
         return self.decode(slots)
