@@ -53,6 +53,17 @@ def test_a_pixel_sampling_mlp_decoder_run_trains_and_resumes_exactly(tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
 
 
+def test_decoder_lr_scale_gives_the_decoder_its_own_learning_rate_and_resumes_exactly(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4", "train.decoder_lr_scale=3",
+                                                       "train.schedule=constant", "train.lr=1e-3"])
+    train(base, tmp_path / "full")
+    groups = load_checkpoint(tmp_path / "full/checkpoints/last.pt")["optimizer"]["param_groups"]
+    assert sorted(group["lr"] for group in groups) == pytest.approx([1e-3, 3e-3])
+    train(apply_overrides(base, ["train.steps=2"]), tmp_path / "split")
+    resume(tmp_path / "split", ["train.steps=4"])
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=6"])
     train(base, tmp_path / "full")

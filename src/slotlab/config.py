@@ -194,6 +194,8 @@ class TrainConfig:
     decay_rate: float = _field(0.5, gt=0.0, hi=1.0)
     decay_steps: int = _field(100_000, lo=1)
     min_lr: float = _field(0.0, lo=0.0)  # floor of the cosine schedule
+    # learning rate of the decoder's parameters as a multiple of lr (the schedule scales both alike)
+    decoder_lr_scale: float = _field(1.0, gt=0.0, hi=1000.0)
     grad_clip: float = _field(1.0, lo=0.0)  # max global grad norm; 0 = off
     val_every: int = _field(200, lo=1)  # steps between validations
     val_batches: int = _field(4, lo=1, hi=100_000)  # val batches used for the val loss / ARI during training

@@ -127,9 +127,21 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> np.n
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters; the fused CUDA kernel (one launch per step) on a GPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=cfg.lr, fused=device is not None and device.type == "cuda")
+    """Adam over the trainable parameters; the fused CUDA kernel (one launch per step) on a GPU.
+
+    With ``cfg.decoder_lr_scale != 1`` the parameters under ``decoder.`` form a second group whose learning rate is
+    the schedule's times that scale (each group's ``lr_scale``, applied by the trainer every step).
+    """
+    fused = device is not None and device.type == "cuda"
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.decoder_lr_scale == 1.0:
+        return torch.optim.Adam([p for _, p in named], lr=cfg.lr, fused=fused)
+    decoder = [p for name, p in named if name.startswith("decoder.")]
+    rest = [p for name, p in named if not name.startswith("decoder.")]
+    if not decoder:
+        raise UserError("train.decoder_lr_scale: this model has no parameters under 'decoder.'")
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": decoder, "lr_scale": cfg.decoder_lr_scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr, fused=fused)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -319,7 +331,7 @@ class Trainer:
         batch = to_model_batch(raw, self.device, non_blocking=True)  # normalised on the device
         lr = lr_at(self.step, cfg, self.budget_progress())
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.model.train()
         if hasattr(self.model, "set_step"):  # step-dependent schedules inside the model (the decoder's octave fade)
             self.model.set_step(self.step)
