@@ -20,6 +20,11 @@ Usage::
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu sprites-cpu:0 clevr6-cpu:0   # seeds per preset
     .venv/bin/python benchmarks/discovery.py --budget-scale 0.1 --out /tmp/d  # a quick rehearsal (10% budgets)
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --test-iters 15
+    .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --keep-others  # other presets' rows stay
+
+With ``--keep-others`` the rows of the presets not run this time are kept from the existing ``discovery.json``, each
+with the date and machine it was measured on (the table's "measured" column), so one benchmark can be re-measured
+without re-running the others.
 """
 
 from __future__ import annotations
@@ -59,6 +64,19 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
 
 
+def measured() -> str:
+    """When and where a row was measured: the date and the CPU (or GPU) model."""
+    return f"{datetime.date.today().isoformat()}, {machine().split(',')[0]}"
+
+
+def kept_rows(path: Path, presets: set[str]) -> list[dict]:
+    """The rows of ``path`` (an earlier discovery.json) for presets other than ``presets``."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return [{"measured": data.get("machine", "?"), **row} for row in data["rows"] if row["preset"] not in presets]
+
+
 def slotlab(*args: str) -> None:
     command = [sys.executable, "-m", "slotlab", *args]
     print("$ slotlab", " ".join(args), flush=True)
@@ -90,7 +108,7 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
     val = [r for r in records if r["split"] == "val" and "fg_ari" in r]
     speeds = [r["images_per_s"] for r in train[1:] or train if "images_per_s" in r]  # the first: start-up
     return {
-        "preset": preset, "seed": seed, "run_dir": str(run_dir),
+        "preset": preset, "seed": seed, "run_dir": str(run_dir), "measured": measured(),
         "dataset": get_preset(preset).data.name,
         # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
         "budget_minutes": json.loads((run_dir / "config.json").read_text())["train"]["time_budget"],
@@ -104,6 +122,12 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
     }
 
 
+def presets_in_order(rows: list[dict]) -> list[str]:
+    """The presets of ``rows``, the standard ones in :data:`PRESETS` order, then any other in order of appearance."""
+    found = list(dict.fromkeys(r["preset"] for r in rows))
+    return sorted(found, key=lambda p: (PRESETS.index(p) if p in PRESETS else len(PRESETS), found.index(p)))
+
+
 def _score(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -113,10 +137,11 @@ def markdown(rows: list[dict], header: str) -> str:
     Slot Attention paper's measure); "attn" is of Slot Attention's masks; "T=n" of the decoder's with n iterations."""
     test_iters = sorted({r["test_iters"] for r in rows if r.get("test_iters")})
     extra = [f" FG-ARI, T={t} |" for t in test_iters]
+    when = len({r.get("measured") for r in rows}) > 1  # rows kept from earlier runs: say when each was measured
     lines = [header, "", "| preset | seed | budget (min) | steps | images/s | FG-ARI | FG-ARI, attn masks |"
-             + "".join(extra) + " ARI | mIoU | mBO | MSE | paper FG-ARI |",
+             + "".join(extra) + " ARI | mIoU | mBO | MSE | paper FG-ARI |" + (" measured |" if when else ""),
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra)
-             + " ---: | ---: | ---: | ---: | ---: |"]
+             + " ---: | ---: | ---: | ---: | ---: |" + (" --- |" if when else "")]
     names = ("fg_ari", "attn_fg_ari", *[f"T{t}" for t in test_iters], "ari", "miou", "mbo", "mse")
 
     def values(r: dict) -> dict:
@@ -125,14 +150,15 @@ def markdown(rows: list[dict], header: str) -> str:
             found[f"T{t}"] = r.get("test_iters_fg_ari") if r.get("test_iters") == t else None
         return found
 
-    for preset in dict.fromkeys(r["preset"] for r in rows):
+    for preset in presets_in_order(rows):
         group = [r for r in rows if r["preset"] == preset]
         paper = PAPER_FG_ARI.get(group[0]["dataset"])
         scores = [values(r) for r in group]
         for r, found in zip(group, scores):
             cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in found.items())
             lines.append(f"| `{preset}` | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
-                         f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |")
+                         f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |"
+                         + (f" {r.get('measured', '')} |" if when else ""))
         if len(group) > 1:
             cells = []
             for name in names:
@@ -140,12 +166,12 @@ def markdown(rows: list[dict], header: str) -> str:
                 mean = sum(known) / len(known) if len(known) == len(group) else None
                 cell = _score(mean, 4 if name == "mse" else 3)
                 cells.append(f"**{cell}**" if name == "fg_ari" and cell else cell)
-            lines.append(f"| `{preset}` | mean | | | | {' | '.join(cells)} | |")
+            lines.append(f"| `{preset}` | mean | | | | {' | '.join(cells)} | |" + (" |" if when else ""))
     return "\n".join(lines) + "\n"
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    presets = presets_in_order(rows)
     fig, axes = plt.subplots(1, len(presets), figsize=(4.2 * len(presets), 3.4), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         group = [r for r in rows if r["preset"] == preset]
@@ -176,12 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for all")
     parser.add_argument("--test-iters", type=int, default=0, metavar="T",
                         help="also score every run with T grouping iterations at test time (0 = no)")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="keep the rows of presets not run now from the existing discovery.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
               f"`python benchmarks/discovery.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
-    rows = []
+    run_presets = {item.partition(":")[0] for item in args.presets}
+    rows = kept_rows(out / "discovery.json", run_presets) if args.keep_others else []
+    if rows:
+        header += "; the rows of other presets are kept from earlier runs (`--keep-others`: see the measured column)"
     for item in args.presets:  # PRESET, or PRESET:SEED,SEED to give that preset its own seeds
         preset, _, seed_list = item.partition(":")
         seeds = [int(s) for s in seed_list.split(",")] if seed_list else args.seeds

@@ -1,0 +1,51 @@
+"""benchmarks/discovery.py's table: rows kept from an earlier run (--keep-others) and the presets' order."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "discovery.py"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("discovery_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["discovery_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+discovery = _load_module()
+
+
+def _row(preset: str, seed: int, fg_ari: float, **more) -> dict:
+    return {"preset": preset, "seed": seed, "dataset": preset.split("-")[0], "budget_minutes": 15.0, "steps": 100,
+            "images_per_s": 10.0, "fg_ari": fg_ari, "ari": 0.5, "miou": 0.5, "mbo": 0.5, "mse": 0.01, "curve": [],
+            **more}
+
+
+def test_kept_rows_are_those_of_other_presets_and_say_when_they_were_measured(tmp_path):
+    earlier = tmp_path / "discovery.json"
+    earlier.write_text(json.dumps({"machine": "AMD EPYC, 2 cores", "rows": [
+        _row("tetrominoes-cpu", 0, 0.8), _row("clevr6-cpu", 0, 0.7, measured="2026-12-01, AMD EPYC")]}))
+    kept = discovery.kept_rows(earlier, {"tetrominoes-cpu"})
+    assert [(r["preset"], r["measured"]) for r in kept] == [("clevr6-cpu", "2026-12-01, AMD EPYC")]
+    assert discovery.kept_rows(tmp_path / "none.json", {"tetrominoes-cpu"}) == []
+
+    new = _row("tetrominoes-cpu", 0, 0.95, measured="2026-12-04, Intel Xeon")
+    table = discovery.markdown(kept + [new], "header")
+    lines = [line for line in table.splitlines() if line.startswith("| `")]
+    # the standard presets in their fixed order, whatever the order of the rows; each row says when it was measured
+    assert lines[0].startswith("| `tetrominoes-cpu` | 0 ") and lines[0].endswith("| 2026-12-04, Intel Xeon |")
+    assert lines[1].startswith("| `clevr6-cpu` | 0 ") and lines[1].endswith("| 2026-12-01, AMD EPYC |")
+    assert "measured" in table.splitlines()[2]
+
+
+def test_a_table_of_one_measurement_has_no_measured_column():
+    rows = [_row("tetrominoes-cpu", s, 0.9, measured="2026-12-04, Intel Xeon") for s in (0, 1)]
+    table = discovery.markdown(rows, "header")
+    assert "measured" not in table
+    assert "| `tetrominoes-cpu` | mean | | | | **0.900** |" in table
