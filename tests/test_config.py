@@ -31,10 +31,18 @@ def test_overrides_are_typed():
     ("model.decoder_octave_fade=100", "model.decoder_octaves=0"),  # a fade of no octaves
     ("model.decoder_pixels=0.5", "model.decoder_kind=mlp"),  # the convolutional decoder draws every pixel
     ("model.decoder_kind=mlps", "model.decoder_kind"),
+    ("model.decoder_kernel=4", "must be odd"),
+    ("task=setpred model.decoder_kind=mlp", "task=setpred does not use it"),
+    ("task=slate train.decoder_lr_scale=3", "task=slate has no decoder"),
 ])
 def test_bad_overrides_raise_user_errors(override, message):
     with pytest.raises(UserError, match=message):
-        apply_overrides(get_preset("smoke"), [override])
+        apply_overrides(get_preset("smoke"), override.split())
+
+
+def test_the_mlp_decoder_has_no_kernel():
+    cfg = apply_overrides(get_preset("smoke"), ["model.decoder_kind=mlp", "model.decoder_kernel=4"])
+    assert cfg.model.decoder_kernel == 4  # unused by the per-pixel decoder, so not an error
 
 
 def test_unknown_preset():

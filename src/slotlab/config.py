@@ -757,13 +757,20 @@ def _check_mlp_decoder(model: ModelConfig) -> None:
                             f"model.quantiser={model.quantiser} yet")
 
 
+# Tasks whose model has parameters under ``decoder.``, the group that ``train.decoder_lr_scale`` scales.
+TASKS_WITH_DECODER = ("autoencoder", "dvae")
+
+
 def _check_relations(config: Config) -> None:
     data, model, train = config.data, config.model, config.train
     if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
-    if model.decoder_kernel % 2 == 0:
+    if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
     _check_mlp_decoder(model)
+    if config.task != "autoencoder" and model.decoder_kind != "cnn":
+        raise UserError(f"model.decoder_kind={model.decoder_kind} chooses the slot autoencoder's decoder; "
+                        f"task={config.task} does not use it")
     upsamplings = math.log2(data.resolution / model.decoder_grid)
     if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
         raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "
@@ -771,6 +778,9 @@ def _check_relations(config: Config) -> None:
     if model.decoder_octave_fade and not model.decoder_octaves:
         raise UserError(f"model.decoder_octave_fade={model.decoder_octave_fade} fades Fourier octaves in, but "
                         "model.decoder_octaves=0 (set model.decoder_octaves=L too)")
+    if train.decoder_lr_scale != 1 and config.task not in TASKS_WITH_DECODER:
+        raise UserError(f"train.decoder_lr_scale={train.decoder_lr_scale:g}: task={config.task} has no decoder "
+                        f"(tasks with one: {', '.join(TASKS_WITH_DECODER)})")
     if train.min_lr > train.lr:
         raise UserError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}")
     if config.diffusion.beta_end <= config.diffusion.beta_start:
