@@ -303,10 +303,9 @@ def _tetrominoes_cpu() -> Config:
 
     bf16 autocast: on a CPU with native bf16, 1.7x the steps of fp32 in the same minutes, FG-ARI per step about the
     same. The decoder learns at 5x the learning rate of the encoder and Slot Attention (``train.decoder_lr_scale``):
-    it draws the pieces' square corners thousands of steps sooner, and slots bind sooner with it (10x bound as fast
-    but let one seed in three spread the background over every slot). (Fourier decoder
-    positions, ``model.decoder_octaves=4``, bound sooner but one seed in three fell into horizontal stripes:
-    docs/discovery/levers.md.)
+    it draws the pieces' square corners thousands of steps sooner, and slots bind sooner with it. (At 10x one seed in
+    three spread the black background over every slot; Fourier decoder positions, ``model.decoder_octaves=4``, bound
+    sooner but one seed in three fell into horizontal stripes: docs/discovery/levers.md.)
     """
     return Config(
         data=DataConfig(name="tetrominoes", resolution=35, num_train=60_000, num_val=320, min_objects=3,
