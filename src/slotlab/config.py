@@ -742,7 +742,11 @@ def check_config(config: Config, where: str = "") -> Config:
     return config
 
 
-def _check_mlp_decoder(model: ModelConfig) -> None:
+def _check_mlp_decoder(config: Config) -> None:
+    model = config.model
+    if config.task != "autoencoder" and model.decoder_kind != "cnn":
+        raise UserError(f"model.decoder_kind={model.decoder_kind} chooses the slot autoencoder's decoder; "
+                        f"task={config.task} does not use it")
     if model.decoder_pixels < 1 and model.decoder_kind != "mlp":
         raise UserError(f"model.decoder_pixels={model.decoder_pixels:g} needs model.decoder_kind=mlp (the "
                         "convolutional decoder draws every pixel)")
@@ -767,10 +771,7 @@ def _check_relations(config: Config) -> None:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
-    _check_mlp_decoder(model)
-    if config.task != "autoencoder" and model.decoder_kind != "cnn":
-        raise UserError(f"model.decoder_kind={model.decoder_kind} chooses the slot autoencoder's decoder; "
-                        f"task={config.task} does not use it")
+    _check_mlp_decoder(config)
     upsamplings = math.log2(data.resolution / model.decoder_grid)
     if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
         raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "
