@@ -34,6 +34,13 @@ def test_overrides_are_typed():
     ("model.decoder_kernel=4", "must be odd"),
     ("task=setpred model.decoder_kind=mlp", "task=setpred does not use it"),
     ("task=slate train.decoder_lr_scale=3", "task=slate has no decoder"),
+    ("model.decoder_frame=centre model.grouping=invariant_slot_attention", "draws slots in its own frames"),
+    ("model.decoder_frame=centre model.decoder_kind=mlp", "does not draw slots in their frames"),
+    ("model.decoder_frame=centre_spread model.quantiser=vq", "not available with model.quantiser=vq"),
+    ("task=setpred model.decoder_frame=centre", "task=setpred does not use it"),
+    ("model.decoder_frame=object", "model.decoder_frame"),
+    ("model.decoder_slot_edges=true model.decoder_kind=mlp", "convolutional decoder"),
+    ("model.decoder_slot_edges=true model.decoder_frame=centre", "not with slots drawn in their frames"),
 ])
 def test_bad_overrides_raise_user_errors(override, message):
     with pytest.raises(UserError, match=message):

@@ -311,3 +311,52 @@ def test_the_mahalanobis_e_step_scores_key_distances_scaled_by_a_key_space_sigma
     distance = (((k.unsqueeze(1) - q.unsqueeze(2)) / sigma.unsqueeze(2)) ** 2).sum(-1)  # [B, K, N]
     expected = torch.softmax(-distance / smm.temperature + log_pi, dim=1)
     torch.testing.assert_close(resp, expected, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ decoder frames (SA)
+def test_attention_frames_are_the_attention_centre_and_for_centre_a_unit_scale():
+    from slotlab.models.autoencoder import attention_frame
+    from slotlab.models.invariant_slot_attention import grid_positions
+
+    grid = grid_positions(4, 4)  # [16, 2]
+    attn = torch.full((1, 2, 16), 1e-6)
+    attn[0, 0, 5] = 1.0  # slot 0 attends to one pixel, slot 1 to a 2x1 pair
+    attn[0, 1, [10, 11]] = 1.0
+    centre = attention_frame(attn, (4, 4), "centre")
+    torch.testing.assert_close(centre["positions"][0, 0], grid[5], atol=1e-4, rtol=0)
+    torch.testing.assert_close(centre["positions"][0, 1], (grid[10] + grid[11]) / 2, atol=1e-4, rtol=0)
+    assert (centre["scales"] == 1).all()
+    spread = attention_frame(attn, (4, 4), "centre_spread")
+    torch.testing.assert_close(spread["positions"], centre["positions"])
+    assert spread["scales"][0, 1, 0] == pytest.approx(math.hypot(0.25, 0.02), rel=1e-3)  # x spans two pixels
+
+
+@pytest.mark.parametrize("frame", ["centre", "centre_spread"])
+def test_slot_attention_with_decoder_frames_trains_and_decodes_its_own_slots(frame):
+    config = apply_overrides(get_preset("smoke"), [f"model.decoder_frame={frame}"])
+    model = build_model(config)
+    assert not isinstance(model.encoder.pos, torch.nn.Identity)  # Slot Attention keeps the encoder's positions
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss, _ = model.compute_loss({"image": image})
+    loss.backward()
+    assert model.decoder.frame_embed.weight.grad is not None and model.encoder.pos.proj.weight.grad is not None
+    with torch.no_grad():
+        torch.manual_seed(0)
+        grouped, _ = model.encode(image)
+        assert grouped.slots.shape == (2, 3, model.slot_size) == (2, 3, 16 + 4)
+        torch.manual_seed(0)
+        torch.testing.assert_close(model.decode(grouped.slots).recon, model(image).recon)
+
+
+def test_a_slot_drawn_in_its_centre_frame_moves_with_its_centre():
+    from slotlab.models import SpatialBroadcastDecoder
+
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(8, 16, channels=6, grid=16, kernel=3, full_res_layers=2, frames=True)
+    slots, scales = torch.randn(1, 2, 8), torch.ones(1, 2, 2)
+    positions = torch.tensor([[[-0.25, 0.0], [0.5, 0.5]]])
+    pixel = 2 / 16  # one pixel in [-1, 1] coordinates
+    here = decoder.decode(slots, positions, scales).slot_recons[0, 0]  # [3, H, W]
+    moved = decoder.decode(slots, positions + torch.tensor([[[2 * pixel, pixel], [0.0, 0.0]]]), scales)
+    # two pixels right and one down: the same picture, shifted (away from the borders, where padding differs)
+    torch.testing.assert_close(moved.slot_recons[0, 0, :, 5:12, 6:13], here[:, 4:11, 4:11], rtol=1e-4, atol=1e-5)

@@ -270,3 +270,22 @@ def test_the_folded_step_equals_algorithm_1_in_value_and_gradient():
     assert grads_a.keys() == grads_b.keys() and "to_kv.weight" in grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_slot_edges_give_each_slot_its_own_edge_directions_in_the_first_layer():
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(slot_dim=8, resolution=8, channels=4, grid=8, kernel=3, slot_edges=True)
+    slots = torch.randn(3, 8)
+    term = decoder.edge_term(slots, 8)  # [3, 4, 8, 8]
+    u, v = decoder.slot_edges(slots).view(3, 4, 2).unbind(-1)  # [3, 4] each
+    # linear in the pixel's (x, y): one pixel right adds 2 / 8 u, one pixel down 2 / 8 v, for each slot its own
+    torch.testing.assert_close(term[..., 3, 5] - term[..., 3, 4], u * 0.25)
+    torch.testing.assert_close(term[..., 6, 2] - term[..., 5, 2], v * 0.25)
+    # the decoder adds it to the first layer, before its ReLU: zeroing the map gives the paper's decoder back
+    out = decoder.decode(slots.view(1, 3, 8))
+    torch.nn.init.zeros_(decoder.slot_edges.weight), torch.nn.init.zeros_(decoder.slot_edges.bias)
+    plain = SpatialBroadcastDecoder(slot_dim=8, resolution=8, channels=4, grid=8, kernel=3)
+    plain.load_state_dict({name: value for name, value in decoder.state_dict().items()
+                           if not name.startswith("slot_edges.")})
+    torch.testing.assert_close(decoder.decode(slots.view(1, 3, 8)).recon, plain.decode(slots.view(1, 3, 8)).recon)
+    assert not torch.allclose(out.recon, plain.decode(slots.view(1, 3, 8)).recon)

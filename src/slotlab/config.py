@@ -100,6 +100,13 @@ class ModelConfig:
     decoder_octaves: int = _field(0, lo=0, hi=16)
     # With decoder_octaves: fade the octaves in from coarse to fine over this many steps (BARF); 0 = all at once
     decoder_octave_fade: int = _field(0, lo=0, hi=10**9)
+    # Coordinates the broadcast decoder draws each slot in: image (the paper: absolute x, y); centre (relative to the
+    # centre of the slot's attention, so a shape is learned once for every place); centre_spread (also divided by
+    # the attention's spread, so once for every size too). Invariant slot attention brings its own frames.
+    decoder_frame: str = _field("image", choices=("image", "centre", "centre_spread"))
+    # The decoder's first layer gets a term u_c x + v_c y per channel with (u_c, v_c) from the slot, so each slot
+    # turns its edges' directions too (in the paper's decoder it only moves them: the directions are shared)
+    decoder_slot_edges: bool = False
     quantiser: str = _field("none", choices=("none", "vq"))  # vq: discrete slot codes (VQ-SA)
 
 
@@ -753,12 +760,35 @@ def _check_mlp_decoder(config: Config) -> None:
     if model.decoder_kind == "mlp":
         if model.decoder_layers < 1:
             raise UserError("model.decoder_layers=0: model.decoder_kind=mlp needs at least one hidden layer")
-        if model.grouping == "invariant_slot_attention":
+        if model.grouping == "invariant_slot_attention" or model.decoder_frame != "image":
             raise UserError("model.decoder_kind=mlp does not draw slots in their frames yet "
-                            "(model.grouping=invariant_slot_attention needs model.decoder_kind=cnn)")
+                            "(model.grouping=invariant_slot_attention and model.decoder_frame need "
+                            "model.decoder_kind=cnn)")
         if model.decoder_pixels < 1 and model.quantiser != "none":
             raise UserError(f"model.decoder_pixels={model.decoder_pixels:g} is not available with "
                             f"model.quantiser={model.quantiser} yet")
+
+
+def _check_decoder_frame(config: Config) -> None:
+    model = config.model
+    if model.decoder_slot_edges:
+        if config.task != "autoencoder" or model.decoder_kind != "cnn":
+            raise UserError("model.decoder_slot_edges=true belongs to the slot autoencoder's convolutional decoder "
+                            f"(task={config.task}, model.decoder_kind={model.decoder_kind})")
+        if model.decoder_frame != "image" or model.grouping == "invariant_slot_attention":
+            raise UserError("model.decoder_slot_edges=true draws in image coordinates: not with slots drawn in "
+                            "their frames (model.decoder_frame, model.grouping=invariant_slot_attention)")
+    if model.decoder_frame == "image":
+        return
+    if config.task != "autoencoder":
+        raise UserError(f"model.decoder_frame={model.decoder_frame} chooses the slot autoencoder's decoder "
+                        f"coordinates; task={config.task} does not use it")
+    if model.grouping == "invariant_slot_attention":
+        raise UserError(f"model.decoder_frame={model.decoder_frame}: model.grouping=invariant_slot_attention "
+                        "draws slots in its own frames already (leave model.decoder_frame=image)")
+    if model.quantiser != "none":
+        raise UserError(f"model.decoder_frame={model.decoder_frame} is not available with "
+                        f"model.quantiser={model.quantiser} yet")
 
 
 # Tasks whose model has parameters under ``decoder.``, the group that ``train.decoder_lr_scale`` scales.
@@ -772,6 +802,7 @@ def _check_relations(config: Config) -> None:
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
     _check_mlp_decoder(config)
+    _check_decoder_frame(config)
     upsamplings = math.log2(data.resolution / model.decoder_grid)
     if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
         raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "

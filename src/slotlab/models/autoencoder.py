@@ -17,6 +17,7 @@ from slotlab.config import Config
 from slotlab.errors import UserError
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ImageEncoder
+from slotlab.models.invariant_slot_attention import frame_of, grid_positions
 from slotlab.models.mlp_decoder import PixelMLPDecoder
 from slotlab.models.quantiser import QuantiserOutput, attention_centroids, build_quantiser
 from slotlab.models.slot_attention import GroupingOutput, build_grouping
@@ -40,6 +41,18 @@ class AutoencoderOutput:
     positions: torch.Tensor | None = None  # [B, K, 2] slot centres passed through unquantised (vq.keep_position)
 
 
+def attention_frame(attn: torch.Tensor, feature_size: tuple[int, int], kind: str) -> dict[str, torch.Tensor]:
+    """Each slot's frame read off its attention ``[B, K, N]`` on an ``h x w`` grid (``model.decoder_frame``):
+    ``positions`` (the attention-weighted mean of the grid positions, in [-1, 1]) and ``scales`` ``[B, K, 2]`` (their
+    weighted standard deviation for ``centre_spread``; 1 for ``centre``, a translation only)."""
+    weights = attn.float() + 1e-8
+    weights = weights / weights.sum(dim=-1, keepdim=True)  # [B, K, N], a distribution over the grid
+    positions, scales = frame_of(weights, grid_positions(*feature_size, attn.device))  # [B, K, 2] each
+    if kind == "centre":
+        scales = torch.ones_like(positions)
+    return {"positions": positions.to(attn.dtype), "scales": scales.to(attn.dtype)}
+
+
 class SlotAutoencoder(nn.Module):
     """Object discovery by reconstruction (Locatello et al. 2020, section 3).
 
@@ -57,6 +70,10 @@ class SlotAutoencoder(nn.Module):
         self.frames = getattr(self.grouping, "frames", False)
         if self.frames:
             self.encoder.pos = nn.Identity()
+        # model.decoder_frame: Slot Attention's slots drawn in a frame read off their attention (centre, spread).
+        self.attention_frame = cfg.decoder_frame
+        if self.attention_frame != "image":
+            self.frames = True
         self.decoder: SpatialBroadcastDecoder | PixelMLPDecoder
         if cfg.decoder_kind == "mlp":
             if self.frames:
@@ -68,7 +85,8 @@ class SlotAutoencoder(nn.Module):
             self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
                                                    cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
                                                    frames=self.frames, octaves=cfg.decoder_octaves,
-                                                   octave_fade_steps=cfg.decoder_octave_fade)
+                                                   octave_fade_steps=cfg.decoder_octave_fade,
+                                                   slot_edges=cfg.decoder_slot_edges)
         self.num_slots = cfg.num_slots
         # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
         # decode(), slot libraries, composition and mixing see one tensor.
@@ -110,6 +128,8 @@ class SlotAutoencoder(nn.Module):
         """``image [B, 3, H, W]`` -> continuous slots ``[B, K, D]`` and attention ``[B, K, N]``, and the grid size."""
         inputs, feature_size = self.encoder(image)  # [B, N, D_inputs]
         grouped = self.grouping(inputs, num_slots=num_slots, feature_size=feature_size)
+        if self.attention_frame != "image":
+            grouped = replace(grouped, **attention_frame(grouped.attn, feature_size, self.attention_frame))
         if self.frames:  # [B, K, D + 4]: the frame travels with the slot
             grouped = replace(grouped, slots=torch.cat([grouped.slots, grouped.positions, grouped.scales], dim=-1))
         return grouped, feature_size

@@ -6,6 +6,7 @@ mask-weighted sum of the slots' RGB.
 
 With slot frames (invariant slot attention: a position ``p_k`` and scale ``s_k`` per slot), the position embedding is
 that of the slot's own coordinates ``(x - p_k) / s_k`` instead of the image's, so each slot is drawn in its frame.
+Plain Slot Attention can be drawn that way too, with frames read off its attention (``model.decoder_frame``).
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class SpatialBroadcastDecoder(nn.Module):
         octave_fade_steps: with octaves, fade them in from coarse to fine over this many training steps (BARF's
             schedule, see :func:`~slotlab.models.encoders.fourier_features`; :meth:`set_step` advances it). 0 = all
             octaves from the start.
+        slot_edges: add to the first layer a term linear in the pixel's (x, y) whose two weights per channel come
+            from the slot (``slot_edges``, a linear map): see :meth:`edge_term`.
     """
 
     def __init__(self, slot_dim: int, resolution: int, channels: int = 64, grid: int = 8, kernel: int = 5,
-                 full_res_layers: int = 1, frames: bool = False, octaves: int = 0, octave_fade_steps: int = 0):
+                 full_res_layers: int = 1, frames: bool = False, octaves: int = 0, octave_fade_steps: int = 0,
+                 slot_edges: bool = False):
         super().__init__()
         upsamplings = math.log2(resolution / grid)
         if upsamplings < 0 or not upsamplings.is_integer():
@@ -71,6 +75,8 @@ class SpatialBroadcastDecoder(nn.Module):
             in_channels = channels
         layers += [nn.ConvTranspose2d(in_channels, 4, 3, stride=1, padding=1)]
         self.net = nn.Sequential(*layers)
+        first_channels = self.net[0].out_channels
+        self.slot_edges = nn.Linear(slot_dim, 2 * first_channels) if slot_edges else None
         # Without upsampling the first layer is a stride-1 convolution of a constant map (the slot) plus a map shared
         # by all slots (the position embedding): computed exactly from per-slot kernel sums (see broadcast_conv).
         self.factorised = upsamplings == 0
@@ -91,26 +97,45 @@ class SpatialBroadcastDecoder(nn.Module):
         if framed and (positions is None or scales is None):
             raise ValueError("this decoder draws slots in their frames: pass positions and scales")
         # All B*K slots go through the convolutions as one batch.
+        flat = slots.reshape(b * k, d)  # [B*K, D]
         if self.factorised and framed and not self.octaves:  # an affine embedding of the frame: exact shortcut
-            hidden = framed_broadcast_conv(self.net[0], slots.reshape(b * k, d), self.frame_embed,
-                                           positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
-            out = self.net[1:](hidden)  # [B*K, 4, H, W]
+            hidden = framed_broadcast_conv(self.net[0], flat, self.frame_embed, positions.reshape(b * k, 2),
+                                           scales.reshape(b * k, 2), self.grid)
         elif self.factorised:
-            hidden = broadcast_conv(self.net[0], slots.reshape(b * k, d), self.pos, self.grid)  # [B*K, C, g, g]
-            out = self.net[1:](hidden)  # [B*K, 4, H, W]
+            hidden = broadcast_conv(self.net[0], flat, self.pos, self.grid)  # [B*K, C, g, g]
         else:
-            grid = slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
+            grid = flat.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
             if framed:
                 rel = frame_coordinates(positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
                 rel = fourier_features(rel, self.octaves, self.pos.progress)  # [B*K, g, g, 2 + 4L]
-                out = self.net(grid + self.frame_embed(rel).permute(0, 3, 1, 2))  # [B*K, 4, H, W]
+                hidden = self.net[0](grid + self.frame_embed(rel).permute(0, 3, 1, 2))  # [B*K, C, h, w]
             else:
-                out = self.net(self.pos(grid))  # [B*K, 4, H, W]
+                hidden = self.net[0](self.pos(grid))  # [B*K, C, h, w]
+        if self.slot_edges is not None:
+            hidden = hidden + self.edge_term(flat, hidden.shape[-1])
+        out = self.net[1:](hidden)  # [B*K, 4, H, W]
         out = out.reshape(b, k, 4, *out.shape[-2:])  # [B, K, 4, H, W]
         slot_recons, mask_logits = out[:, :, 1:], out[:, :, 0]  # [B, K, 3, H, W], [B, K, H, W]
         masks = mask_logits.softmax(dim=1)  # [B, K, H, W], softmax over slots
         recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, H, W]
         return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
+
+
+    def edge_term(self, slots: torch.Tensor, side: int) -> torch.Tensor:
+        """``[N, C, side, side]``: for each slot and first-layer channel c, ``u_c x + v_c y`` with ``(u_c, v_c)`` a
+        linear function of the slot.
+
+        In the paper's decoder the first layer is ``a_c(slot) + b_c . (x, y)``: the slot moves each channel's edge
+        (where it crosses zero) but every slot shares its direction ``b_c``, so a slot draws its outline from the same
+        C directions as every other slot. With this term each slot turns them too, and a square at any rotation is
+        four channels' edges.
+        """
+        n = slots.shape[0]
+        directions = self.slot_edges(slots).view(n, -1, 2)  # [N, C, 2]: (u_c, v_c)
+        centres = (torch.arange(side, device=slots.device, dtype=slots.dtype) + 0.5) / side * 2 - 1  # [S]
+        y, x = torch.meshgrid(centres, centres, indexing="ij")  # [S, S] each, in [-1, 1]
+        xy = torch.stack([x, y])  # [2, S, S]
+        return torch.einsum("ncj,jhw->nchw", directions, xy)  # [N, C, S, S]
 
 
 def broadcast_conv(conv: nn.ConvTranspose2d, vectors: torch.Tensor, pos: SoftPositionEmbed, side: int) -> torch.Tensor:
