@@ -330,9 +330,7 @@ def _tetrominoes_cpu() -> Config:
 def _multi_dsprites_cpu() -> Config:
     """Multi-dSprites (64x64, 2-5 coloured sprites on grey, K=6) on two CPU cores in a 60-minute training budget.
 
-    bf16 autocast as in ``tetrominoes-cpu``: the full-resolution decoder at 64x64 is memory-bound. The decoder learns
-    at 5x the rate, as in ``tetrominoes-cpu``: the phase where every slot paints the background ends ~500 steps sooner,
-    and FG-ARI, ARI, mBO and MSE all end better (docs/discovery/levers.md, sixth session).
+    bf16 autocast as in ``tetrominoes-cpu``: the full-resolution decoder at 64x64 is memory-bound.
     """
     return Config(
         data=DataConfig(name="multi_dsprites", resolution=64, num_train=60_000, num_val=320, min_objects=2,
@@ -342,7 +340,7 @@ def _multi_dsprites_cpu() -> Config:
                           slot_init="bo_qsa", iters=7),
         train=TrainConfig(steps=1_000_000, time_budget=60.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
                           warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250,
-                          precision="bf16", decoder_lr_scale=5.0),
+                          precision="bf16"),
     )
 
 
