@@ -769,7 +769,7 @@ def _check_mlp_decoder(config: Config) -> None:
                             f"model.quantiser={model.quantiser} yet")
 
 
-def _check_decoder_frame(config: Config) -> None:
+def _check_decoder_coordinates(config: Config) -> None:
     model = config.model
     if model.decoder_slot_edges:
         if config.task != "autoencoder" or model.decoder_kind != "cnn":
@@ -802,7 +802,7 @@ def _check_relations(config: Config) -> None:
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
     _check_mlp_decoder(config)
-    _check_decoder_frame(config)
+    _check_decoder_coordinates(config)
     upsamplings = math.log2(data.resolution / model.decoder_grid)
     if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
         raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "

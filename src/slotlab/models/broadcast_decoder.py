@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slotlab.models.encoders import SoftPositionEmbed, fourier_features
+from slotlab.models.invariant_slot_attention import grid_positions
 
 
 @dataclass
@@ -104,7 +105,7 @@ class SpatialBroadcastDecoder(nn.Module):
         elif self.factorised:
             hidden = broadcast_conv(self.net[0], flat, self.pos, self.grid)  # [B*K, C, g, g]
         else:
-            grid = flat.reshape(b * k, d, 1, 1).expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
+            grid = flat[:, :, None, None].expand(-1, -1, self.grid, self.grid)  # [B*K, D, g, g]
             if framed:
                 rel = frame_coordinates(positions.reshape(b * k, 2), scales.reshape(b * k, 2), self.grid)
                 rel = fourier_features(rel, self.octaves, self.pos.progress)  # [B*K, g, g, 2 + 4L]
@@ -120,7 +121,6 @@ class SpatialBroadcastDecoder(nn.Module):
         recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, H, W]
         return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
 
-
     def edge_term(self, slots: torch.Tensor, side: int) -> torch.Tensor:
         """``[N, C, side, side]``: for each slot and first-layer channel c, ``u_c x + v_c y`` with ``(u_c, v_c)`` a
         linear function of the slot.
@@ -132,10 +132,8 @@ class SpatialBroadcastDecoder(nn.Module):
         """
         n = slots.shape[0]
         directions = self.slot_edges(slots).view(n, -1, 2)  # [N, C, 2]: (u_c, v_c)
-        centres = (torch.arange(side, device=slots.device, dtype=slots.dtype) + 0.5) / side * 2 - 1  # [S]
-        y, x = torch.meshgrid(centres, centres, indexing="ij")  # [S, S] each, in [-1, 1]
-        xy = torch.stack([x, y])  # [2, S, S]
-        return torch.einsum("ncj,jhw->nchw", directions, xy)  # [N, C, S, S]
+        xy = grid_positions(side, side, slots.device).to(slots.dtype)  # [S*S, 2]: (x, y) in [-1, 1]
+        return (directions @ xy.t()).view(n, -1, side, side)  # [N, C, S, S]
 
 
 def broadcast_conv(conv: nn.ConvTranspose2d, vectors: torch.Tensor, pos: SoftPositionEmbed, side: int) -> torch.Tensor:
