@@ -41,6 +41,10 @@ def test_overrides_are_typed():
     ("model.decoder_frame=object", "model.decoder_frame"),
     ("model.decoder_slot_edges=true model.decoder_kind=mlp", "convolutional decoder"),
     ("model.decoder_slot_edges=true model.decoder_frame=centre", "not with slots drawn in their frames"),
+    ("model.resolution=32", "model.resolution=32 is above data.resolution=16"),
+    ("model.resolution=8 model.decoder_kind=mlp", "model.decoder_kind=mlp"),
+    ("task=setpred model.resolution=8", "task=setpred"),
+    ("model.resolution=12", "model.resolution=12 must be model.decoder_grid=4 times a power of two"),
 ])
 def test_bad_overrides_raise_user_errors(override, message):
     with pytest.raises(UserError, match=message):

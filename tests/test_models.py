@@ -246,6 +246,34 @@ def test_loss_is_the_mse_of_the_reconstruction():
     torch.testing.assert_close(loss, expected)
 
 
+def test_a_model_at_half_the_data_resolution_takes_and_returns_full_size_images():
+    """model.resolution: the encoder sees the image averaged down, the decoder draws at half the side, and its masks
+    and slot images are upsampled, so the output, the masks and the loss are at the data's side."""
+    config = apply_overrides(get_preset("smoke"), ["model.resolution=8"])
+    model = build_model(config)
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    out = model(image)
+    k = config.model.num_slots
+    assert out.feature_size == (8, 8) and out.attn.shape == (2, k, 64)  # attention on the 8x8 grid
+    assert out.recon.shape == (2, 3, 16, 16) and out.slot_recons.shape == (2, k, 3, 16, 16)
+    torch.testing.assert_close(out.masks.sum(1), torch.ones(2, 16, 16))
+    torch.testing.assert_close(out.recon, (out.masks.unsqueeze(2) * out.slot_recons).sum(1))
+    # What the encoder saw: the 2x2 means of the image (the same slots as from the averaged image itself).
+    averaged = image.unflatten(2, (8, 2)).unflatten(4, (8, 2)).mean(dim=(3, 5))  # [2, 3, 8, 8]
+    torch.manual_seed(0)
+    grouped, _ = model.group(image)
+    model.image_resolution = 8  # the same weights, fed the averaged image directly
+    torch.manual_seed(0)
+    direct, _ = model.group(averaged)
+    torch.testing.assert_close(grouped.slots, direct.slots)
+    # The full-size masks are the decoder's half-size ones, upsampled bilinearly.
+    half = model.decoder.decode(out.slots)
+    assert half.masks.shape == (2, k, 8, 8)
+    upsampled = torch.nn.functional.interpolate(half.masks, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.masks, upsampled)
+
+
 def test_the_folded_step_equals_algorithm_1_in_value_and_gradient():
     """The reordered k/v form (used by default) gives the slots and gradients of the line-by-line step."""
     torch.manual_seed(0)

@@ -88,6 +88,10 @@ class ModelConfig:
     # cnn: the spatial broadcast decoder (transposed convolutions); mlp: the same per pixel (1x1 layers), which
     # can decode a random subset of the pixels in training (decoder_pixels)
     decoder_kind: str = _field("cnn", choices=("cnn", "mlp"))
+    # Side the slot autoencoder works at (0 = data.resolution). Smaller: the encoder sees the image averaged down to
+    # it, the decoder draws at it, and its masks and slot images are upsampled (bilinear) to data.resolution, where
+    # the MSE and every score are taken: each step costs about (data.resolution / model.resolution)^2 times less
+    resolution: int = _field(0, lo=0, hi=1024)
     decoder_channels: int = _field(64, lo=1, hi=4096)  # width of the spatial broadcast decoder
     decoder_grid: int = _field(8, lo=1, hi=1024)  # side of the grid each slot is broadcast to
     decoder_kernel: int = _field(5, lo=1, hi=15)  # kernel of the decoder's stride-1 layers (odd)
@@ -791,6 +795,23 @@ def _check_decoder_coordinates(config: Config) -> None:
                         f"model.quantiser={model.quantiser} yet")
 
 
+def _check_model_resolution(config: Config) -> None:
+    model = config.model
+    if not model.resolution:
+        return
+    if config.task != "autoencoder" or model.decoder_kind != "cnn":
+        raise UserError(f"model.resolution={model.resolution} sets the slot autoencoder's working side (with "
+                        f"model.decoder_kind=cnn); task={config.task}, model.decoder_kind={model.decoder_kind}")
+    if model.resolution > config.data.resolution:
+        raise UserError(f"model.resolution={model.resolution} is above data.resolution={config.data.resolution} "
+                        "(the model works at the data's side or below it)")
+
+
+def model_resolution(config: Config) -> int:
+    """The side the slot autoencoder's encoder and decoder work at: ``model.resolution``, else ``data.resolution``."""
+    return config.model.resolution or config.data.resolution
+
+
 # Tasks whose model has parameters under ``decoder.``, the group that ``train.decoder_lr_scale`` scales.
 TASKS_WITH_DECODER = ("autoencoder", "dvae")
 
@@ -803,9 +824,12 @@ def _check_relations(config: Config) -> None:
         raise UserError(f"model.decoder_kernel={model.decoder_kernel}: must be odd (the output keeps its size)")
     _check_mlp_decoder(config)
     _check_decoder_coordinates(config)
-    upsamplings = math.log2(data.resolution / model.decoder_grid)
+    _check_model_resolution(config)
+    side, side_name = (model.resolution, "model.resolution") if model.resolution else (data.resolution,
+                                                                                      "data.resolution")
+    upsamplings = math.log2(side / model.decoder_grid)
     if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
-        raise UserError(f"data.resolution={data.resolution} must be model.decoder_grid={model.decoder_grid} times a "
+        raise UserError(f"{side_name}={side} must be model.decoder_grid={model.decoder_grid} times a "
                         "power of two (the broadcast decoder doubles the grid until it reaches the image)")
     if model.decoder_octave_fade and not model.decoder_octaves:
         raise UserError(f"model.decoder_octave_fade={model.decoder_octave_fade} fades Fourier octaves in, but "
@@ -857,5 +881,5 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "VQConfig", "VAEConfig", "DiffusionConfig", "SetPredConfig",
     "PRESETS", "preset", "list_presets", "get_preset", "apply_overrides", "config_to_dict", "config_from_dict",
     "save_config", "load_config", "check_config", "resume_overrides", "RESUME_SAFE_KEYS", "DATASET_NAMES",
-    "PROCEDURAL_DATASETS",
+    "PROCEDURAL_DATASETS", "model_resolution",
 ]

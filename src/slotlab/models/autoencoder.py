@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slotlab.config import Config
+from slotlab.config import Config, model_resolution
 from slotlab.errors import UserError
 from slotlab.models.broadcast_decoder import DecoderOutput, SpatialBroadcastDecoder
 from slotlab.models.encoders import ImageEncoder
@@ -53,6 +53,17 @@ def attention_frame(attn: torch.Tensor, feature_size: tuple[int, int], kind: str
     return {"positions": positions.to(attn.dtype), "scales": scales.to(attn.dtype)}
 
 
+def upsample_decoded(decoded: DecoderOutput, side: int) -> DecoderOutput:
+    """A decoder's masks and slot images drawn at a smaller side, upsampled (bilinear) to ``side``, and the image
+    composed again from them. Bilinear weights are positive and sum to 1, so the masks still sum to 1 over slots."""
+    b, k, _, h, w = decoded.slot_recons.shape
+    masks = F.interpolate(decoded.masks, size=(side, side), mode="bilinear", align_corners=False)  # [B, K, S, S]
+    slot_recons = F.interpolate(decoded.slot_recons.reshape(b, k * 3, h, w), size=(side, side), mode="bilinear",
+                                align_corners=False).view(b, k, 3, side, side)  # [B, K, 3, S, S]
+    recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, S, S]
+    return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
+
+
 class SlotAutoencoder(nn.Module):
     """Object discovery by reconstruction (Locatello et al. 2020, section 3).
 
@@ -74,15 +85,17 @@ class SlotAutoencoder(nn.Module):
         self.attention_frame = cfg.decoder_frame
         if self.attention_frame != "image":
             self.frames = True
+        # model.resolution: the encoder and decoder work at this side; images come and go at the data's side.
+        self.resolution, self.image_resolution = model_resolution(config), config.data.resolution
         self.decoder: SpatialBroadcastDecoder | PixelMLPDecoder
         if cfg.decoder_kind == "mlp":
             if self.frames:
                 raise UserError(f"model.decoder_kind=mlp is not available with model.grouping={cfg.grouping!r} yet")
-            self.decoder = PixelMLPDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
+            self.decoder = PixelMLPDecoder(cfg.slot_dim, self.resolution, cfg.decoder_channels,
                                            cfg.decoder_layers, octaves=cfg.decoder_octaves,
                                            octave_fade_steps=cfg.decoder_octave_fade)
         else:
-            self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, config.data.resolution, cfg.decoder_channels,
+            self.decoder = SpatialBroadcastDecoder(cfg.slot_dim, self.resolution, cfg.decoder_channels,
                                                    cfg.decoder_grid, cfg.decoder_kernel, cfg.decoder_layers,
                                                    frames=self.frames, octaves=cfg.decoder_octaves,
                                                    octave_fade_steps=cfg.decoder_octave_fade,
@@ -126,6 +139,8 @@ class SlotAutoencoder(nn.Module):
 
     def group(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
         """``image [B, 3, H, W]`` -> continuous slots ``[B, K, D]`` and attention ``[B, K, N]``, and the grid size."""
+        if self.resolution != self.image_resolution:  # model.resolution: average the image down to the working side
+            image = F.interpolate(image, size=(self.resolution, self.resolution), mode="area")  # [B, 3, r, r]
         inputs, feature_size = self.encoder(image)  # [B, N, D_inputs]
         grouped = self.grouping(inputs, num_slots=num_slots, feature_size=feature_size)
         if self.attention_frame != "image":
@@ -153,8 +168,12 @@ class SlotAutoencoder(nn.Module):
         """``slots [B, K, D]`` (``[B, K, D + 4]`` with frames: vector, position, scale) -> image, masks, slot images."""
         if self.frames:
             content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
-            return self.decoder.decode(content, positions, scales)
-        return self.decoder.decode(slots)
+            decoded = self.decoder.decode(content, positions, scales)
+        else:
+            decoded = self.decoder.decode(slots)
+        if self.resolution != self.image_resolution:
+            decoded = upsample_decoded(decoded, self.image_resolution)
+        return decoded
 
     def forward(self, image: torch.Tensor, num_slots: int | None = None, step: int = 0) -> AutoencoderOutput:
         """Encode, (quantise,) decode; ``step`` sets the Gumbel-softmax temperature of VQ-SA runs."""
