@@ -85,13 +85,13 @@ class ModelConfig:
     # First-order implicit differentiation (Chang et al. 2022): backpropagate through the last iteration only, the
     # initial slots getting that gradient straight through. Implied by slot_init=bo_qsa (learned + this).
     implicit_grad: bool = False
-    # cnn: the spatial broadcast decoder (transposed convolutions); mlp: the same per pixel (1x1 layers), which
-    # can decode a random subset of the pixels in training (decoder_pixels)
-    decoder_kind: str = _field("cnn", choices=("cnn", "mlp"))
     # Side the slot autoencoder works at (0 = data.resolution). Smaller: the encoder sees the image averaged down to
     # it, the decoder draws at it, and its masks and slot images are upsampled (bilinear) to data.resolution, where
     # the MSE and every score are taken: each step costs about (data.resolution / model.resolution)^2 times less
     resolution: int = _field(0, lo=0, hi=1024)
+    # cnn: the spatial broadcast decoder (transposed convolutions); mlp: the same per pixel (1x1 layers), which
+    # can decode a random subset of the pixels in training (decoder_pixels)
+    decoder_kind: str = _field("cnn", choices=("cnn", "mlp"))
     decoder_channels: int = _field(64, lo=1, hi=4096)  # width of the spatial broadcast decoder
     decoder_grid: int = _field(8, lo=1, hi=1024)  # side of the grid each slot is broadcast to
     decoder_kernel: int = _field(5, lo=1, hi=15)  # kernel of the decoder's stride-1 layers (odd)
@@ -825,8 +825,7 @@ def _check_relations(config: Config) -> None:
     _check_mlp_decoder(config)
     _check_decoder_coordinates(config)
     _check_model_resolution(config)
-    side, side_name = (model.resolution, "model.resolution") if model.resolution else (data.resolution,
-                                                                                      "data.resolution")
+    side, side_name = model_resolution(config), "model.resolution" if model.resolution else "data.resolution"
     upsamplings = math.log2(side / model.decoder_grid)
     if model.decoder_kind == "cnn" and (upsamplings < 0 or not upsamplings.is_integer()):
         raise UserError(f"{side_name}={side} must be model.decoder_grid={model.decoder_grid} times a "
