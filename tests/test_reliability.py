@@ -119,6 +119,46 @@ def test_two_concurrent_trainings_into_one_folder_run_exactly_once(tmp_path):
     assert steps == list(range(1, 61))  # one run's records, in order, each once
 
 
+# Another process takes the folder and its lock, writes what a start writes, and holds the lock until stdin closes.
+_HOLD_A_NEW_RUN = """
+import os, sys, pathlib
+from filelock import FileLock
+run_dir = pathlib.Path(sys.argv[1])
+run_dir.mkdir(parents=True)
+lock = FileLock(run_dir / ".lock")
+lock.acquire(timeout=0)
+(run_dir / ".lock").write_text(f"{os.getpid()}\\n")
+(run_dir / "config.json").write_text("{}")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_start_refused_by_the_lock_leaves_the_winners_folder_alone(tmp_path, capsys, monkeypatch):
+    """Both starts saw no folder; the one refused by the lock must not remove the folder the other one is filling."""
+    from slotlab.train import loop
+
+    run_dir, real_own, holders = tmp_path / "run", loop._own, []
+
+    def own_after_another_start_took_the_folder(path):
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_NEW_RUN, str(path)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+        return real_own(path)
+
+    monkeypatch.setattr(loop, "_own", own_after_another_start_took_the_folder)
+    try:
+        code, _, err = _train(capsys, run_dir)
+    finally:
+        for holder in holders:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+    assert code == 2
+    assert_one_error_line(err, "in use by process", str(holders[0].pid))
+    assert (run_dir / "config.json").read_text() == "{}"  # the winner's start is untouched
+
+
 def test_a_run_in_use_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
     _train(capsys, tmp_path / "run")
     resumed = _process(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=100000"],

@@ -550,18 +550,21 @@ def train(config: Config, run_dir: Path) -> Trainer:
     created = not run_dir.exists()
     try:
         with _own(run_dir):
-            if distributed.env_rank() == 0:
-                check_new_run_dir(run_dir)  # again, now that no other process can be writing it
-                clear_start_leftovers(run_dir)
-            # Under torchrun the ranks meet in DDP's set-up inside Trainer(), after every rank checked run_dir.
-            trainer = Trainer(config, run_dir)
-            if trainer.dist.is_main:
-                save_config(trainer.config, run_dir / "config.json")
-            trainer.fit()
-    except BaseException:
-        if created and distributed.env_rank() == 0 and not has_checkpoint(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)  # a start that failed leaves nothing behind
-        raise
+            # Only the owner of the lock may clean up: a process refused by the lock must not remove the folder of
+            # the run that holds it, even when both saw the folder missing before they started.
+            try:
+                if distributed.env_rank() == 0:
+                    check_new_run_dir(run_dir)  # again, now that no other process can be writing it
+                    clear_start_leftovers(run_dir)
+                # Under torchrun the ranks meet in DDP's set-up inside Trainer(), after every rank checked run_dir.
+                trainer = Trainer(config, run_dir)
+                if trainer.dist.is_main:
+                    save_config(trainer.config, run_dir / "config.json")
+                trainer.fit()
+            except BaseException:
+                if created and distributed.env_rank() == 0 and not has_checkpoint(run_dir):
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a start that failed leaves nothing behind
+                raise
     finally:
         distributed.shutdown()
     return trainer
