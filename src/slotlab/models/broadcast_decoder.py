@@ -31,6 +31,37 @@ class DecoderOutput:
     slot_recons: torch.Tensor | None = None  # [B, K, 3, H, W], each slot's own RGB
 
 
+def compose(slot_recons: torch.Tensor, mask_logits: torch.Tensor) -> DecoderOutput:
+    """Alpha compositing: masks are a softmax of ``mask_logits [B, K, H, W]`` over slots, and the image is the
+    mask-weighted sum of ``slot_recons [B, K, 3, H, W]``."""
+    masks = mask_logits.softmax(dim=1)  # [B, K, H, W], softmax over slots
+    recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, H, W]
+    return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
+
+
+class BackgroundDecoder(nn.Module):
+    """Draws one slot as a smooth background (``model.background_grid``): an MLP maps the slot to RGB and a mask
+    logit on a ``grid x grid`` map, upsampled bilinearly to ``H x W``.
+
+    On a coarse grid it can paint the floor, the sky, a colour gradient, but not a small object: an object left to
+    the background slot costs its whole error, so an object slot has to take it.
+    """
+
+    def __init__(self, slot_dim: int, resolution: int, grid: int, hidden_dim: int):
+        super().__init__()
+        self.resolution, self.grid = resolution, grid
+        self.mlp = nn.Sequential(nn.Linear(slot_dim, hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, 4 * grid * grid))
+
+    def draw(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slots [B, K, D]`` -> RGB ``[B, K, 3, H, W]`` and mask logit ``[B, K, H, W]``, smooth on the grid."""
+        b, k, _ = slots.shape
+        coarse = self.mlp(slots).view(b * k, 4, self.grid, self.grid)  # [B*K, 4, g, g]
+        out = F.interpolate(coarse, size=(self.resolution, self.resolution), mode="bilinear",
+                            align_corners=False).view(b, k, 4, self.resolution, self.resolution)  # [B, K, 4, H, W]
+        return out[:, :, 1:], out[:, :, 0]
+
+
 class SpatialBroadcastDecoder(nn.Module):
     """Decode ``slots [B, K, D]`` to an image ``[B, 3, H, W]`` with per-slot masks.
 
@@ -93,6 +124,11 @@ class SpatialBroadcastDecoder(nn.Module):
     def decode(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
                scales: torch.Tensor | None = None) -> DecoderOutput:
         """``slots [B, K, D]`` (with ``positions`` and ``scales [B, K, 2]`` for a framed decoder) -> image, masks."""
+        return compose(*self.draw(slots, positions, scales))
+
+    def draw(self, slots: torch.Tensor, positions: torch.Tensor | None = None,
+             scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot drawn alone: its RGB ``[B, K, 3, H, W]`` and mask logit ``[B, K, H, W]`` (before the softmax)."""
         b, k, d = slots.shape
         framed = self.frame_embed is not None
         if framed and (positions is None or scales is None):
@@ -116,10 +152,7 @@ class SpatialBroadcastDecoder(nn.Module):
             hidden = hidden + self.edge_term(flat, hidden.shape[-1])
         out = self.net[1:](hidden)  # [B*K, 4, H, W]
         out = out.reshape(b, k, 4, *out.shape[-2:])  # [B, K, 4, H, W]
-        slot_recons, mask_logits = out[:, :, 1:], out[:, :, 0]  # [B, K, 3, H, W], [B, K, H, W]
-        masks = mask_logits.softmax(dim=1)  # [B, K, H, W], softmax over slots
-        recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, H, W]
-        return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
+        return out[:, :, 1:], out[:, :, 0]  # [B, K, 3, H, W], [B, K, H, W]
 
     def edge_term(self, slots: torch.Tensor, side: int) -> torch.Tensor:
         """``[N, C, side, side]``: for each slot and first-layer channel c, ``u_c x + v_c y`` with ``(u_c, v_c)`` a
