@@ -107,6 +107,34 @@ def test_compose_writes_scenes_deterministically(trained_run):
     assert len(again) == 4 and again != first[:4]  # stale files removed; another seed, other scenes
 
 
+def test_compose_with_a_background_slot_draws_a_background_then_one_object_slot_per_cluster(tmp_path, monkeypatch):
+    """model.background_grid: slot 0 is always the background, so scenes take a library background as slot 0 and
+    cluster only the object slots (K - 1 clusters by default)."""
+    from slotlab.models import SlotAutoencoder
+
+    run_dir = tmp_path / "run"
+    train(apply_overrides(get_preset("smoke"), ["model.slot_init=bo_qsa", "model.background_grid=4"]), run_dir)
+    decoded, real_decode = [], SlotAutoencoder.decode
+
+    def recording_decode(self, slots):
+        decoded.append(slots)
+        return real_decode(self, slots)
+
+    monkeypatch.setattr(SlotAutoencoder, "decode", recording_decode)
+    metrics = compose(run_dir, num_images=5, seed=0, device="cpu", fid=False)
+    assert metrics["clusters"] == 2 and metrics["library_slots"] == 16 * 2
+    scenes = decoded[0]  # [5, 3, D]: the compositions come first, then the reconstructions
+    assert scenes.shape[:2] == (5, 3)
+    library = slot_library.load_library(run_dir, "train").slots  # [16, 3, D]
+    backgrounds, objects = library[:, 0], library[:, 1:].reshape(-1, library.shape[-1])
+
+    def is_row_of(vectors, table):
+        return ((vectors[:, None] - table[None]).abs().amax(-1) == 0).any(-1)
+
+    assert is_row_of(scenes[:, 0], backgrounds).all()
+    assert is_row_of(scenes[:, 1:].reshape(-1, scenes.shape[-1]), objects).all()
+
+
 def test_compose_records_fid_of_compositions_and_reconstructions(trained_run, tmp_path, monkeypatch):
     """The FID plumbing with a stand-in feature network (the real one is tested in test_fid.py)."""
     from slotlab.metrics import fid

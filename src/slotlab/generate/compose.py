@@ -4,7 +4,9 @@
 2. K-means over all library slots, with C clusters (C = the number of slots K by default): scikit-learn ``KMeans``,
    or ``MiniBatchKMeans`` above :data:`MINIBATCH_ABOVE` slots.
 3. Each new scene takes one slot from every cluster: a uniformly random member of the cluster. The C slots are
-   decoded together with the run's decoder (``model.decode(slots)``), so any decoder works.
+   decoded together with the run's decoder (``model.decode(slots)``), so any decoder works. A model with a
+   background slot (``model.background_grid``: slot 0 is always the background) clusters the object slots only, into
+   C = K - 1 clusters by default, and gives each scene the background slot of a random training image.
 4. clean-fid (mode ``clean``) and KID of the compositions against the validation images, and, as the ceiling a
    composition can reach with this decoder, of the reconstructions of the same validation images.
 
@@ -116,8 +118,11 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
     batch_size = batch_size or 4 * config.train.batch_size
     build_library(run_dir, "train", batch_size, str(dev), limit=library_limit)
     library = load_library(run_dir, "train")
-    flat_slots = library.slots.reshape(-1, library.slots.shape[-1])  # [N*K, D]
-    clusters = clusters or config.model.num_slots
+    has_background = config.task == "autoencoder" and bool(config.model.background_grid)
+    object_slots = library.slots[:, 1:] if has_background else library.slots  # [N, K(-1), D]
+    flat_slots = object_slots.reshape(-1, library.slots.shape[-1])  # [N*K, D]
+    areas = (library.areas[:, 1:] if has_background else library.areas).reshape(-1).numpy()  # [N*K]
+    clusters = clusters or object_slots.shape[1]
     if clusters > len(flat_slots):
         raise UserError(f"compose: {clusters} clusters exceed the {len(flat_slots)} slots in the library")
     val = build_dataset(config.data, "val")
@@ -126,11 +131,15 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
 
     labels = cluster_slots(flat_slots.numpy(), clusters, seed)  # [N*K]
     picks = sample_compositions(labels, num_images, seed)  # [n, C]
+    backgrounds = np.random.default_rng(seed + 1).integers(len(library.slots), size=num_images)  # [n] images
     out_dir = run_dir / "compose"
     composed = PngFolder(out_dir / "images", "compose")
     torch.manual_seed(seed)  # decoders that sample (diffusion) draw their noise from here
     for start in tqdm(range(0, num_images, batch_size), desc="compose", dynamic_ncols=True):
-        slots = flat_slots[picks[start:start + batch_size]].to(dev)  # [B, C, D]
+        slots = flat_slots[picks[start:start + batch_size]]  # [B, C, D]
+        if has_background:  # slot 0: the background of a random training image
+            slots = torch.cat([library.slots[backgrounds[start:start + batch_size], :1], slots], dim=1)
+        slots = slots.to(dev)  # [B, C(+1), D]
         composed.add(images_to_uint8(model.decode(slots).recon))
     composed.close()
 
@@ -148,10 +157,10 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
     save_png(tile([gallery[i:i + 8] for i in range(0, len(gallery), 8)],
                   scale=upscale_for_view(config.data.resolution) // 2 or 1), out_dir / "gallery.png")
 
-    areas = library.areas.reshape(-1).numpy()  # [N*K]
     metrics: dict[str, Any] = {
         "num_images": num_images, "num_reference": num_reference, "clusters": clusters, "seed": seed,
-        "library_slots": len(flat_slots), "sampling": "one uniformly random member of each K-means cluster",
+        "library_slots": len(flat_slots), "sampling": "one uniformly random member of each K-means cluster"
+        + (", and the background slot of a random training image" if has_background else ""),
         "cluster_sizes": [int((labels == c).sum()) for c in range(clusters)],
         "cluster_mean_area": [round(float(areas[labels == c].mean()), 4) for c in range(clusters)],
     }
