@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -275,79 +273,6 @@ def test_a_model_at_half_the_data_resolution_takes_and_returns_full_size_images(
     assert half.masks.shape == (2, k, 8, 8)
     upsampled = torch.nn.functional.interpolate(half.masks, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.masks, upsampled)
-
-
-def test_mask_agreement_teaches_the_decoder_the_attention_and_leaves_the_attention_alone():
-    """model.mask_agreement adds the decoder masks' cross-entropy against the attention masks: it trains the decoder
-    masks (and the slots they come from), never the attention it is measured against, and is smallest when the two
-    agree."""
-    from slotlab.models.autoencoder import mask_agreement
-    from slotlab.models.slot_attention import attention_masks
-
-    config = apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.5"])
-    model = build_model(config)
-    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
-    torch.manual_seed(0)
-    loss, logs = model.compute_loss(batch)
-    torch.testing.assert_close(loss, logs["mse"] + 0.5 * logs["mask_agreement"])
-    torch.manual_seed(0)
-    out = model(batch["image"])
-    agreement = mask_agreement(out)
-    agreement.backward()
-    assert all(p.grad is not None and p.grad.any() for p in model.decoder.parameters())
-    # The attention is the target: with the decoder masks held fixed nothing is left to train.
-    assert not mask_agreement(replace(out, masks=out.masks.detach())).requires_grad
-    # Cross-entropy: at least the attention masks' own entropy, reached when the decoder masks equal them.
-    target = attention_masks(out.attn.detach(), out.feature_size, (16, 16))
-    entropy = -(target * target.clamp_min(1e-6).log()).sum(1).mean()
-    assert agreement > entropy
-    torch.testing.assert_close(mask_agreement(replace(out, masks=target)), entropy)
-
-
-def test_mask_agreement_needs_the_whole_image_decoded():
-    with pytest.raises(UserError, match="model.mask_agreement"):
-        apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.1", "model.decoder_kind=mlp",
-                                              "model.decoder_pixels=0.5"])
-
-
-def test_kept_masks_are_the_softmax_over_the_kept_slots_logits():
-    """Adaptive Slot Attention's masked decoder: z_k exp(l_k) / sum_j z_j exp(l_j), from the softmax masks alone."""
-    from slotlab.models.slot_gate import keep_masks
-
-    logits = torch.randn(2, 4, 3, 3)
-    keep = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
-    masks = keep_masks(logits.softmax(dim=1), keep)
-    expected = logits.masked_fill(keep[:, :, None, None] == 0, float("-inf")).softmax(dim=1)
-    torch.testing.assert_close(masks, expected)
-
-
-def test_a_slot_the_gate_drops_is_not_drawn_and_the_gate_learns_from_the_loss():
-    config = apply_overrides(get_preset("smoke"), ["model.slot_sparsity=0.1"])
-    model = build_model(config)
-    image = torch.rand(2, 3, 16, 16) * 2 - 1
-    model.eval()
-    gate = model.slot_gate  # a gate that drops slot 0 of every image and keeps the others
-    gate.forward = lambda slots: torch.ones(slots.shape[:2]).index_fill(1, torch.tensor([0]), 0.0)
-    out = model(image)
-    assert not out.masks[:, 0].any()
-    torch.testing.assert_close(out.masks.sum(1), torch.ones(2, 16, 16))
-    torch.testing.assert_close(out.recon, (out.masks.unsqueeze(2) * out.slot_recons).sum(1))
-    del gate.forward
-    # Training: the loss pays slot_sparsity x the fraction of slots drawn, and its gradient reaches the gate.
-    model.train()
-    torch.manual_seed(0)
-    loss, logs = model.compute_loss({"image": image})
-    torch.manual_seed(0)
-    out = model(image)
-    torch.testing.assert_close(loss, logs["mse"] + 0.1 * out.keep.mean())
-    assert set(out.keep.unique().tolist()) <= {0.0, 1.0} and (out.keep.sum(1) >= 1).all()
-    loss.backward()
-    assert model.slot_gate.mlp[0].weight.grad.abs().sum() > 0
-
-
-def test_slot_sparsity_needs_the_broadcast_decoder():
-    with pytest.raises(UserError, match="model.slot_sparsity"):
-        apply_overrides(get_preset("smoke"), ["model.slot_sparsity=0.1", "model.decoder_kind=mlp"])
 
 
 def test_the_background_slot_is_slot_0_drawn_smooth_from_a_coarse_grid():

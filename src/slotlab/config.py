@@ -99,14 +99,6 @@ class ModelConfig:
     #   (mlp: hidden layers)
     # mlp decoder: fraction of the pixels decoded (and scored by the MSE) per training step, drawn at random
     decoder_pixels: float = _field(1.0, gt=0.0, hi=1.0)
-    # Weight of a loss that teaches the decoder's masks the slots' attention (autoencoder, full-image decoders): the
-    # per-pixel cross-entropy of the decoder masks against the last iteration's attention masks, which pass no
-    # gradient. 0 = off (the paper: the MSE alone).
-    mask_agreement: float = _field(0.0, lo=0.0)
-    # Adaptive Slot Attention (Fan et al. 2024): a gate per slot decides whether it is drawn, and the loss adds this
-    # weight times the fraction of slots drawn, so that spare slots stay empty instead of cutting objects in two.
-    # 0 = every slot is drawn (the paper).
-    slot_sparsity: float = _field(0.0, lo=0.0)
     # A background slot: slot 0 (the first learned query) is drawn by its own decoder on a background_grid x
     # background_grid map upsampled bilinearly: smooth, so it cannot take a small object. 0 = no background slot.
     background_grid: int = _field(0, lo=0, hi=1024)
@@ -829,18 +821,12 @@ TASKS_WITH_DECODER = ("autoencoder", "dvae")
 
 def _check_relations(config: Config) -> None:
     data, model, train = config.data, config.model, config.train
-    if model.slot_sparsity and (config.task != "autoencoder" or model.decoder_kind != "cnn"):
-        raise UserError(f"model.slot_sparsity={model.slot_sparsity} needs task=autoencoder with "
-                        f"model.decoder_kind=cnn (task={config.task}, model.decoder_kind={model.decoder_kind})")
     if model.background_grid and (config.task != "autoencoder" or model.decoder_kind != "cnn"
                                   or model.slot_init == "gaussian" or model.background_grid > model_resolution(config)):
         raise UserError(f"model.background_grid={model.background_grid} needs task=autoencoder, "
                         f"model.decoder_kind=cnn, slots with identities (model.slot_init=bo_qsa or learned) and a "
                         f"grid no larger than the model's side {model_resolution(config)} (task={config.task}, "
                         f"model.decoder_kind={model.decoder_kind}, model.slot_init={model.slot_init})")
-    if model.mask_agreement and (config.task != "autoencoder" or model.decoder_pixels < 1):
-        raise UserError(f"model.mask_agreement={model.mask_agreement} needs task=autoencoder with the whole image "
-                        f"decoded (task={config.task}, model.decoder_pixels={model.decoder_pixels})")
     if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:

@@ -20,8 +20,7 @@ from slotlab.models.encoders import ImageEncoder
 from slotlab.models.invariant_slot_attention import frame_of, grid_positions
 from slotlab.models.mlp_decoder import PixelMLPDecoder
 from slotlab.models.quantiser import QuantiserOutput, attention_centroids, build_quantiser
-from slotlab.models.slot_attention import GroupingOutput, attention_masks, build_grouping
-from slotlab.models.slot_gate import SlotGate, keep_masks
+from slotlab.models.slot_attention import GroupingOutput, build_grouping
 
 
 @dataclass
@@ -40,7 +39,6 @@ class AutoencoderOutput:
     code_logits: torch.Tensor | None = None  # [B, K, L, M]
     kl: torch.Tensor | None = None  # scalar KL(q(z|x) || uniform)
     positions: torch.Tensor | None = None  # [B, K, 2] slot centres passed through unquantised (vq.keep_position)
-    keep: torch.Tensor | None = None  # [B, K] in {0, 1}: the slots drawn (model.slot_sparsity); masks are 0 elsewhere
 
 
 def attention_frame(attn: torch.Tensor, feature_size: tuple[int, int], kind: str) -> dict[str, torch.Tensor]:
@@ -64,17 +62,6 @@ def upsample_decoded(decoded: DecoderOutput, side: int) -> DecoderOutput:
                                 align_corners=False).view(b, k, 3, side, side)  # [B, K, 3, S, S]
     recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)  # [B, 3, S, S]
     return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
-
-
-def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
-    """Per-pixel cross-entropy of the decoder's masks against the attention masks (``model.mask_agreement``).
-
-    The attention masks are the target and pass no gradient: the decoder learns to give each pixel to the slot that
-    attended to it, instead of splitting an object between a slot that holds it and a spare one.
-    """
-    target = attention_masks(out.attn.detach().float(), out.feature_size, tuple(out.masks.shape[-2:]))  # [B, K, H, W]
-    log_masks = out.masks.float().clamp_min(1e-6).log()  # [B, K, H, W]
-    return -(target * log_masks).sum(dim=1).mean()
 
 
 class SlotAutoencoder(nn.Module):
@@ -125,12 +112,8 @@ class SlotAutoencoder(nn.Module):
         if self.quantiser is not None and config.vq.init_run and config.vq.freeze_grouping:  # slots stay as trained
             self.encoder.requires_grad_(False)
             self.grouping.requires_grad_(False)
-        # model.slot_sparsity: each slot decides whether it is drawn (built last: other runs draw the same weights).
-        self.slot_gate = SlotGate(cfg.slot_dim, cfg.slot_hidden_dim) if cfg.slot_sparsity else None
-        if self.slot_gate is not None and self.frames:
-            raise UserError(f"model.slot_sparsity is not available with slot frames (model.grouping={cfg.grouping!r}, "
-                            f"model.decoder_frame={cfg.decoder_frame!r}) yet")
-        # model.background_grid: slot 0 (the first learned query) is drawn smooth, as the background.
+        # model.background_grid: slot 0 (the first learned query) is drawn smooth, as the background (built last:
+        # other runs draw the same weights).
         self.background = (BackgroundDecoder(cfg.slot_dim, self.resolution, cfg.background_grid, cfg.slot_hidden_dim)
                            if cfg.background_grid else None)
         if self.background is not None and self.frames:
@@ -188,10 +171,10 @@ class SlotAutoencoder(nn.Module):
             grouped = replace(grouped, slots=self.quantise(grouped, feature_size).slots)
         return grouped, feature_size
 
-    def decode(self, slots: torch.Tensor, keep: torch.Tensor | None = None) -> DecoderOutput:
+    def decode(self, slots: torch.Tensor) -> DecoderOutput:
         """``slots [B, K, D]`` (``[B, K, D + 4]`` with frames: vector, position, scale) -> image, masks, slot images.
 
-        With ``model.slot_sparsity`` only the slots in ``keep [B, K]`` are drawn (by default those the gate keeps).
+        With ``model.background_grid`` slot 0 is drawn by the background decoder, the others by the broadcast decoder.
         """
         if self.frames:
             content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
@@ -203,11 +186,6 @@ class SlotAutoencoder(nn.Module):
                               torch.cat([background_logit, object_logits.to(background_logit.dtype)], dim=1))
         else:
             decoded = self.decoder.decode(slots)
-        if self.slot_gate is not None:
-            keep = self.slot_gate(slots) if keep is None else keep
-            masks = keep_masks(decoded.masks, keep).to(decoded.slot_recons.dtype)  # [B, K, h, w]
-            recon = (masks.unsqueeze(2) * decoded.slot_recons).sum(dim=1)  # [B, 3, h, w]
-            decoded = DecoderOutput(recon=recon, masks=masks, slot_recons=decoded.slot_recons)
         if self.resolution != self.image_resolution:
             decoded = upsample_decoded(decoded, self.image_resolution)
         return decoded
@@ -216,20 +194,17 @@ class SlotAutoencoder(nn.Module):
         """Encode, (quantise,) decode; ``step`` sets the Gumbel-softmax temperature of VQ-SA runs."""
         grouped, feature_size = self.group(image, num_slots)
         if self.quantiser is None:
-            keep = self.slot_gate(grouped.slots) if self.slot_gate is not None else None
-            decoded = self.decode(grouped.slots, keep)
+            decoded = self.decode(grouped.slots)
             return AutoencoderOutput(
                 recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
-                attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size, keep=keep,
+                attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
             )
         quantised = self.quantise(grouped, feature_size, step)
-        keep = self.slot_gate(quantised.slots) if self.slot_gate is not None else None
-        decoded = self.decode(quantised.slots, keep)
+        decoded = self.decode(quantised.slots)
         return AutoencoderOutput(
             recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=quantised.slots,
             attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
             codes=quantised.codes, code_logits=quantised.logits, kl=quantised.kl, positions=quantised.positions,
-            keep=keep,
         )
 
     def set_step(self, step: int) -> None:
@@ -240,9 +215,7 @@ class SlotAutoencoder(nn.Module):
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int = 0) -> tuple[torch.Tensor, dict]:
         """MSE between the image and its reconstruction, averaged over batch, pixels and channels.
 
-        ``model.mask_agreement`` adds that weight times :func:`mask_agreement` (logged as ``mask_agreement``);
-        ``model.slot_sparsity`` that weight times the fraction of slots drawn (logged: ``slots_kept`` per image). VQ-SA
-        runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``. With
+        VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``. With
         ``model.decoder_pixels < 1`` a training step decodes and scores only that fraction of the pixels, drawn at
         random (the same pixels for the whole batch): an unbiased estimate of the full MSE.
         """
@@ -252,13 +225,6 @@ class SlotAutoencoder(nn.Module):
         out = self(batch["image"], step=step)
         mse = F.mse_loss(out.recon.float(), batch["image"].float())
         loss, logs = mse, {"mse": mse.detach()}
-        if self.config.model.mask_agreement:
-            agreement = mask_agreement(out)
-            loss = loss + self.config.model.mask_agreement * agreement
-            logs["mask_agreement"] = agreement.detach()
-        if out.keep is not None:  # Adaptive Slot Attention's sparsity: pay for each slot drawn
-            loss = loss + self.config.model.slot_sparsity * out.keep.mean()
-            logs["slots_kept"] = out.keep.sum(dim=1).mean().detach()
         if out.kl is not None:
             loss = loss + self.config.vq.beta * out.kl
             logs.update(kl=out.kl.detach(), tau=torch.tensor(self.quantiser.temperature(step)))
