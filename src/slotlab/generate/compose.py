@@ -118,7 +118,7 @@ def compose(run_dir: Path, num_images: int = 0, clusters: int = 0, seed: int = 0
     batch_size = batch_size or 4 * config.train.batch_size
     build_library(run_dir, "train", batch_size, str(dev), limit=library_limit)
     library = load_library(run_dir, "train")
-    has_background = config.task == "autoencoder" and bool(config.model.background_grid)
+    has_background = bool(config.model.background_grid)  # the config allows it on slot autoencoders only
     object_slots = library.slots[:, 1:] if has_background else library.slots  # [N, K(-1), D]
     flat_slots = object_slots.reshape(-1, library.slots.shape[-1])  # [N*K, D]
     areas = (library.areas[:, 1:] if has_background else library.areas).reshape(-1).numpy()  # [N*K]
