@@ -38,3 +38,17 @@ def test_a_moved_run_works_from_anywhere_without_the_runs_it_started_from(kind, 
         assert code == 0, (command, err)
     if kind != "slot_diffusion":  # decoding a library of slots with a diffusion model is minutes on a CPU
         assert compose(moved, num_images=4, device="cpu", fid=False)["num_images"] == 4
+
+
+def test_a_refused_start_names_the_holder_that_has_only_just_taken_the_lock(tmp_path):
+    """The holder writes its pid just after taking the lock; a start refused in between still names that process."""
+    import threading
+
+    from slotlab.runs import RunLock
+
+    lock_file = tmp_path / ".lock"
+    lock_file.write_text("")  # the lock is taken, the pid not written yet
+    threading.Timer(0.2, lambda: lock_file.write_text("4242\n")).start()
+    assert RunLock(tmp_path).holder() == "process 4242"
+    lock_file.write_text("")  # a holder that never writes one
+    assert RunLock(tmp_path).holder(wait_s=0.1) == "another process"

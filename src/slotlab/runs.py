@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,19 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self.lock: FileLock | None = None
 
-    def holder(self) -> str:
-        try:
-            pid = self.path.read_text().strip()
-        except OSError:
-            pid = ""
-        return f"process {pid}" if pid.isdigit() else "another process"
+    def holder(self, wait_s: float = 1.0) -> str:
+        """Who holds the lock: the holder writes its pid just after taking it, so wait up to ``wait_s`` for it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                pid = self.path.read_text().strip()
+            except OSError:
+                pid = ""
+            if pid.isdigit():
+                return f"process {pid}"
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
 
     def __enter__(self) -> RunLock:
         check_writable_dir(self.run_dir)
