@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import types
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -153,6 +154,18 @@ def test_eval_with_more_iterations_at_test_time_keeps_the_plain_evaluation(evalu
     (run_dir / "eval" / "val-last-first10" / "metrics.json").touch()
     os.utime(run_dir / "eval" / "val-last-first10-T9" / "metrics.json")  # now the newest
     assert find_eval(run_dir).name == "val-last-first10"
+
+
+def test_a_run_with_test_iters_is_evaluated_with_them(evaluated_run, tmp_path):
+    run_dir, _ = evaluated_run
+    nine = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", iters=9)
+    same = untrained_run(tmp_path / "run", ["model.test_iters=9"])  # the same weights, T=9 outside training
+    plain = evaluate_run(same, limit=10, batch_size=4, device="cpu")
+    assert plain["iters"] == 9 and plain["fg_ari"] == nine["fg_ari"] and plain["mse"] == nine["mse"]
+    assert (same / "eval" / "val-last-first10" / "metrics.json").is_file()  # the run's own T: the plain folder
+    assert evaluate_run(same, limit=10, batch_size=4, device="cpu", iters=9) == {**plain, "eval_seconds": ANY}
+    three = evaluate_run(same, limit=10, batch_size=4, device="cpu", iters=3)  # as in training, asked for
+    assert three["iters"] == 3 and three["fg_ari"] != plain["fg_ari"]
 
 
 @pytest.mark.parametrize("args, fragment", [

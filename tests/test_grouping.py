@@ -44,6 +44,21 @@ def test_output_contract(name):
         assert module(torch.randn(2, 20, 12), num_slots=6).slots.shape == (2, 6, 16)  # Gaussian init: any K
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_test_iters_apply_outside_training_only(name):
+    config = dataclasses.replace(small_config(name), test_iters=7)
+    module = build_grouping(config)
+    inputs = torch.randn(2, 20, 12)
+    assert len(module(inputs, feature_size=GRID).attn_per_iter) == 3  # training: T = iters
+    module.eval()
+    torch.manual_seed(0)
+    out = module(inputs, feature_size=GRID)
+    assert len(out.attn_per_iter) == 7  # validation, eval, generation: T = test_iters
+    module.test_iters = 0
+    torch.manual_seed(0)
+    assert not torch.allclose(module(inputs, feature_size=GRID).slots, out.slots)  # the 7 iterations moved them
+
+
 @pytest.mark.parametrize("name", SET_NAMES)
 def test_permuting_inputs_keeps_slots_and_permutes_attention(name):
     module = build_grouping(small_config(name)).eval()

@@ -172,12 +172,13 @@ def model_card(run_dir: Path, config: Config, checkpoint: str) -> str:
               if isinstance(metrics.get(name), (int, float))]
     model, data, train = config.model, config.data, config.train
     length = f"a {train.time_budget:g}-minute budget" if train.time_budget else f"{train.steps} steps"
+    test_iters = f", {model.test_iters} at test time" if model.test_iters else ""
     lines = [
         "---", "library_name: slotlab", "tags:", "- object-centric-learning", "- slot-attention", "---", "",
         f"# slotlab model: {config.preset} ({config.task})", "",
         f"A {model.grouping.replace('_', ' ')} model with {model.num_slots} slots of size {model.slot_dim} "
-        f"({model.slot_init} initialisation, {model.iters} iterations), trained by slotlab on `{data.name}` at "
-        f"{data.resolution}x{data.resolution} for {length} (checkpoint `{checkpoint}`).", "",
+        f"({model.slot_init} initialisation, {model.iters} iterations{test_iters}), trained by slotlab on "
+        f"`{data.name}` at {data.resolution}x{data.resolution} for {length} (checkpoint `{checkpoint}`).", "",
         "## Use", "", "```python", "import slotlab", "", 'model = slotlab.load("PATH/TO/THIS/FOLDER")',
         'result = model.segment("image.png")   # result.masks [1, K, H, W], result.slots [1, K, D]', "```", "",
         "Every `slotlab` command that takes a run directory also takes this folder (`slotlab eval`, `compose`, ...).",

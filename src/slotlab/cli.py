@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_count, default=0, help="images per forward pass (0 = the training batch)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
     p.add_argument("--iters", type=_count, default=0, metavar="T",
-                   help="grouping iterations at test time (0 = as trained); results go to eval/<split>-<ckpt>-T<T>")
+                   help="grouping iterations at test time (0 = the run's model.test_iters, else as trained); "
+                        "results go to eval/<split>-<ckpt>-T<T>")
 
     p = add("export", cmd_export, "write a shareable model folder: config.json, model.safetensors, README.md")
     p.add_argument("run_dir")

@@ -74,6 +74,8 @@ class ModelConfig:
     slot_dim: int = _field(64, lo=1, hi=4096)  # D_slots
     slot_hidden_dim: int = _field(128, lo=1, hi=16384)  # hidden width of the slot MLP
     iters: int = _field(3, lo=1, hi=100)  # T, Slot Attention iterations
+    # T outside training (validation, eval, generation); 0 = iters. More than in training often sharpens the slots
+    test_iters: int = _field(0, lo=0, hi=100)
     eps: float = _field(1e-8, gt=0.0, hi=1.0)  # added to attention before the weighted mean
     # slot_attention | invariant_slot_attention (slots with frames, Biza et al. 2023) | slot_mixture | soft_kmeans
     grouping: str = _field("slot_attention", choices=("slot_attention", "invariant_slot_attention", "slot_mixture",

@@ -37,8 +37,9 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         batch_size: evaluation batch size (0 = the training batch size).
         device: ``auto``, ``cpu``, ``cuda``, ...
         seed: seed of the slot initialisation noise.
-        iters: grouping iterations T at test time (0 = as trained). Slot Attention is a fixed-point iteration, so
-            more iterations than in training often sharpen the slots (the Slot Attention paper's figure 5 / 7).
+        iters: grouping iterations T at test time (0 = the run's ``model.test_iters``, or as trained). Slot
+            Attention is a fixed-point iteration, so more iterations than in training often sharpen the slots (the
+            Slot Attention paper's figure 5 / 7).
 
     Returns:
         The metrics dict written to ``eval/metrics.json``.
@@ -53,12 +54,12 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, model = load_trained_model(run_dir, checkpoint, device)
     grouping = getattr(model, "grouping", None)
-    if iters and not hasattr(grouping, "iters"):
+    if iters and not hasattr(grouping, "num_iters"):
         raise UserError(f"--iters: the {config.task} model of {str(run_dir)!r} has no grouping iterations to set")
-    if iters == getattr(grouping, "iters", None):
-        iters = 0  # the trained number: the plain evaluation
+    if iters == getattr(grouping, "num_iters", None):
+        iters = 0  # the run's own test-time number: the plain evaluation
     if iters:
-        grouping.iters = iters
+        grouping.test_iters = iters
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
     if len(dataset) == 0:
@@ -67,8 +68,8 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     out_dir = eval_dir(run_dir, split, checkpoint, limit, iters)  # e.g. eval/val-best: other evaluations stay
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": split, "num_images": count, "checkpoint": checkpoint}
-    if hasattr(grouping, "iters"):
-        metrics["iters"] = grouping.iters
+    if hasattr(grouping, "num_iters"):
+        metrics["iters"] = grouping.num_iters  # model.eval(): the test-time T
     torch.manual_seed(seed)
     start = time.perf_counter()
     evaluator = get_task(config).evaluator(model, dataset, out_dir)

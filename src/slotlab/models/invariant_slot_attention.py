@@ -29,6 +29,7 @@ from slotlab.models.slot_attention import (
     GROUPINGS,
     SLOT_INITS,
     GroupingOutput,
+    IterativeGrouping,
     init_options,
     iteration_grad,
     straight_through,
@@ -53,7 +54,7 @@ def frame_of(weights: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, t
     return position, variance.clamp_min(0.0).add(MIN_SCALE**2).sqrt()
 
 
-class InvariantSlotAttention(nn.Module):
+class InvariantSlotAttention(IterativeGrouping):
     """Slot Attention with per-slot reference frames (translation and scale), see the module docstring.
 
     Args:
@@ -138,12 +139,13 @@ class InvariantSlotAttention(nn.Module):
         position, scale = init_position, torch.full_like(init_position, self.init_scale)
         slots = init_slots
         attn_per_iter = []
-        for t in range(self.iters):
-            if self.detach_last and t == self.iters - 1:
+        iters = self.num_iters
+        for t in range(iters):
+            if self.detach_last and t == iters - 1:
                 slots = straight_through(slots, init_slots)
                 position = straight_through(position, init_position)
                 scale = scale.detach()
-            with iteration_grad(t, self.iters, self.detach_last):
+            with iteration_grad(t, iters, self.detach_last):
                 slots, position, scale, attn = self.step(slots, position, scale, inputs, grid)
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter, positions=position,

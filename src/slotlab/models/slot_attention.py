@@ -31,6 +31,23 @@ class GroupingOutput:
     scales: torch.Tensor | None = None  # [B, K, 2]
 
 
+class IterativeGrouping(nn.Module):
+    """A grouping module that refines its slots over ``iters`` iterations (T) in training.
+
+    Outside training (validation, evaluation, generation) it runs ``test_iters`` iterations where that is set:
+    Slot Attention is a fixed-point iteration, and more iterations at test time than in training often sharpen
+    the slots (Locatello et al. 2020, figure 5).
+    """
+
+    iters: int
+    test_iters: int = 0  # 0: as in training
+
+    @property
+    def num_iters(self) -> int:
+        """T for the next forward pass."""
+        return self.test_iters if self.test_iters and not self.training else self.iters
+
+
 @SLOT_INITS.register("gaussian")
 class GaussianSlotInit(nn.Module):
     """slots ~ N(mu, diag(sigma^2)) with learnable mu and log-sigma; K may change at inference."""
@@ -63,7 +80,7 @@ class LearnedSlotInit(nn.Module):
         return self.slots.expand(batch_size, -1, -1)  # [B, K, D]
 
 
-class SlotAttention(nn.Module):
+class SlotAttention(IterativeGrouping):
     """Slot Attention, Algorithm 1 of Locatello et al. (2020).
 
     Args:
@@ -150,17 +167,18 @@ class SlotAttention(nn.Module):
         inputs = self.norm_inputs(inputs)  # [B, N, D_in]
         init_slots = self.init(b, num_slots) if slots is None else slots  # [B, K, D]
         # The folded step is cheaper unless D_in >> D with many slots and iterations.
-        if self.iters * init_slots.shape[1] * (input_dim - self.dim) < self.dim * input_dim:
+        iters = self.num_iters
+        if iters * init_slots.shape[1] * (input_dim - self.dim) < self.dim * input_dim:
             step = partial(self.step_folded, inputs=inputs)
         else:
             k, v = self.to_kv(inputs).chunk(2, dim=-1)  # [B, N, D] each
             step = partial(self.step, k=k, v=v)
         slots = init_slots
         attn_per_iter = []
-        for t in range(self.iters):
-            if self.detach_last and t == self.iters - 1:
+        for t in range(iters):
+            if self.detach_last and t == iters - 1:
                 slots = straight_through(slots, init_slots)
-            with iteration_grad(t, self.iters, self.detach_last):
+            with iteration_grad(t, iters, self.detach_last):
                 slots, attn = step(slots)
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
@@ -194,8 +212,11 @@ def _build_slot_attention(cfg) -> SlotAttention:
 
 
 def build_grouping(cfg) -> nn.Module:
-    """The grouping module named by ``cfg.grouping`` (a :class:`~slotlab.config.ModelConfig`)."""
-    return GROUPINGS.build(cfg.grouping, cfg)
+    """The grouping module named by ``cfg.grouping`` (a :class:`~slotlab.config.ModelConfig`), running
+    ``cfg.test_iters`` iterations outside training where set."""
+    grouping = GROUPINGS.build(cfg.grouping, cfg)
+    grouping.test_iters = cfg.test_iters
+    return grouping
 
 
 def attention_masks(attn: torch.Tensor, feature_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:

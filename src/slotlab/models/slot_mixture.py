@@ -28,6 +28,7 @@ from slotlab.models.slot_attention import (
     GROUPINGS,
     SLOT_INITS,
     GroupingOutput,
+    IterativeGrouping,
     init_options,
     iteration_grad,
     straight_through,
@@ -79,7 +80,7 @@ def log_responsibilities(log_likelihood: torch.Tensor, log_pi: torch.Tensor) -> 
     return torch.log_softmax(log_likelihood + log_pi, dim=1)  # [B, K, N]
 
 
-class SlotMixture(nn.Module):
+class SlotMixture(IterativeGrouping):
     """The Slot Mixture Module: learned EM over diagonal Gaussians, one per slot.
 
     Args:
@@ -172,13 +173,14 @@ class SlotMixture(nn.Module):
         k_slots = state.shape[1]
         log_pi = torch.full((b, k_slots, 1), -math.log(k_slots), device=inputs.device)  # pi = 1 / K
         attn_per_iter = []
-        for t in range(self.iters):
-            if self.detach_last and t == self.iters - 1:
+        iters = self.num_iters
+        for t in range(iters):
+            if self.detach_last and t == iters - 1:
                 # BO-QSA: gradient skips the earlier iterations and reaches the initial state straight through.
                 state = straight_through(state, init_state)
                 log_pi = log_pi.detach()
             mu, log_sigma = state.split(self.dim, dim=-1)  # [B, K, D] each
-            with iteration_grad(t, self.iters, self.detach_last):
+            with iteration_grad(t, iters, self.detach_last):
                 mu, log_sigma, log_pi, resp = self.step(mu, log_sigma, log_pi, k, v)
             state = torch.cat([mu, log_sigma.to(mu.dtype)], dim=-1)  # [B, K, 2D]
             attn_per_iter.append(resp)

@@ -21,6 +21,7 @@ from slotlab.models.slot_attention import (
     GROUPINGS,
     SLOT_INITS,
     GroupingOutput,
+    IterativeGrouping,
     init_options,
     iteration_grad,
     straight_through,
@@ -49,7 +50,7 @@ def soft_kmeans_step(points: torch.Tensor, centres: torch.Tensor, temperature: f
     return torch.bmm(normalised, points), weights  # [B, K, D], [B, K, N]
 
 
-class SoftKMeans(nn.Module):
+class SoftKMeans(IterativeGrouping):
     """Soft k-means over the encoder's tokens, behind the grouping interface.
 
     Args:
@@ -89,10 +90,11 @@ class SoftKMeans(nn.Module):
         init_centres = self.init(inputs.shape[0], num_slots) if slots is None else slots  # [B, K, D_in]
         centres = init_centres
         attn_per_iter = []
-        for t in range(self.iters):
-            if self.detach_last and t == self.iters - 1:
+        iters = self.num_iters
+        for t in range(iters):
+            if self.detach_last and t == iters - 1:
                 centres = straight_through(centres, init_centres)
-            with iteration_grad(t, self.iters, self.detach_last):
+            with iteration_grad(t, iters, self.detach_last):
                 centres, weights = soft_kmeans_step(points, centres, self.temperature, self.eps)
             attn_per_iter.append(weights)
         return GroupingOutput(slots=self.to_slot(centres), attn=attn_per_iter[-1], attn_per_iter=attn_per_iter)
