@@ -143,7 +143,7 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
     scored = (f"{evaluation.get('split', '?')} {evaluation.get('num_images', '?')} img, "
               f"{evaluation.get('checkpoint', '?')}") if evaluation else "-"
     trained_iters = config.get("model", {}).get("iters")
-    if evaluation and evaluation.get("iters") not in (None, trained_iters):  # slotlab eval --iters T
+    if evaluation and evaluation.get("iters") not in (None, trained_iters):  # model.test_iters or eval --iters
         scored += f", T={evaluation['iters']}"
     row: dict[str, Any] = {"name": run_dir.name, "model": _describe(config), "steps": steps,
                            "wall_time_s": training_time(records, batch_size), "evaluated": scored, "config": config}
