@@ -8,7 +8,7 @@ exactly what a user types::
     slotlab eval RUNS/P-sS --iters T                                  # with --test-iters T only
 
 and writes one table (dataset, budget, steps, images/s, FG-ARI, ARI, mIoU, mBO, MSE per seed, and the mean; FG-ARI of
-Slot Attention's own masks beside that of the decoder's; with ``--test-iters T`` the decoder's FG-ARI with T grouping
+Slot Attention's own masks beside that of the decoder's; with ``--test-iters T`` both FG-ARIs again with T grouping
 iterations at test time) as Markdown and JSON, and one figure, val FG-ARI against training minutes for every
 benchmark next to the Slot Attention paper's FG-ARI (after 500k steps on a GPU). A run that already finished is only
 evaluated again, so the script can be stopped and started again (resume is exact).
@@ -117,6 +117,7 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         "images_per_s": sum(speeds) / len(speeds) if speeds else float("nan"),
         **{name: metrics.get(name) for name in ("fg_ari", "ari", "miou", "mbo", "mse", "attn_fg_ari", "iters")},
         "test_iters": test_iters or None, "test_iters_fg_ari": more.get("fg_ari"),
+        "test_iters_attn_fg_ari": more.get("attn_fg_ari"),
         "num_val_images": metrics.get("num_images"),
         "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
     }
@@ -134,20 +135,22 @@ def _score(value: float | None, digits: int = 3) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     """The table: one line per run and a mean per preset. FG-ARI is of the decoder's masks with the trained T (the
-    Slot Attention paper's measure); "attn" is of Slot Attention's masks; "T=n" of the decoder's with n iterations."""
+    Slot Attention paper's measure); "attn" is of Slot Attention's masks; "T=n" of either with n iterations."""
     test_iters = sorted({r["test_iters"] for r in rows if r.get("test_iters")})
-    extra = [f" FG-ARI, T={t} |" for t in test_iters]
+    extra = [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters]
     when = len({r.get("measured") for r in rows}) > 1  # rows kept from earlier runs: say when each was measured
     lines = [header, "", "| preset | seed | budget (min) | steps | images/s | FG-ARI | FG-ARI, attn masks |"
              + "".join(extra) + " ARI | mIoU | mBO | MSE | paper FG-ARI |" + (" measured |" if when else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra)
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(extra)
              + " ---: | ---: | ---: | ---: | ---: |" + (" --- |" if when else "")]
-    names = ("fg_ari", "attn_fg_ari", *[f"T{t}" for t in test_iters], "ari", "miou", "mbo", "mse")
+    names = ("fg_ari", "attn_fg_ari", *[f"{kind}T{t}" for t in test_iters for kind in ("", "attn ")], "ari", "miou",
+             "mbo", "mse")
 
     def values(r: dict) -> dict:
         found = {name: r.get(name) for name in names}
         for t in test_iters:
             found[f"T{t}"] = r.get("test_iters_fg_ari") if r.get("test_iters") == t else None
+            found[f"attn T{t}"] = r.get("test_iters_attn_fg_ari") if r.get("test_iters") == t else None
         return found
 
     for preset in presets_in_order(rows):

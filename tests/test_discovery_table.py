@@ -49,3 +49,11 @@ def test_a_table_of_one_measurement_has_no_measured_column():
     table = discovery.markdown(rows, "header")
     assert "measured" not in table
     assert "| `tetrominoes-cpu` | mean | | | | **0.900** |" in table
+
+
+def test_test_time_iterations_add_both_fg_aris_at_that_t():
+    rows = [_row("clevr6-cpu", 0, 0.78, attn_fg_ari=0.83, test_iters=7, test_iters_fg_ari=0.835,
+                 test_iters_attn_fg_ari=0.883)]
+    table = discovery.markdown(rows, "header").splitlines()
+    assert "| FG-ARI | FG-ARI, attn masks | FG-ARI, T=7 | attn, T=7 | ARI |" in table[2]
+    assert "| 0.780 | 0.830 | 0.835 | 0.883 | 0.500 |" in table[4]
