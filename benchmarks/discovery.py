@@ -98,20 +98,22 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
     checkpoint = choose_checkpoint(run_dir, "best")
     metrics = json.loads((eval_dir(run_dir, "val", checkpoint) / "metrics.json").read_text())
     more = {}
-    if test_iters == metrics.get("iters"):  # the trained T: the plain evaluation is that one
+    if test_iters == metrics.get("iters"):  # the run's own test-time T: the plain evaluation is that one
         more = metrics
     elif test_iters:
         slotlab("eval", str(run_dir), "--iters", str(test_iters))
         more = json.loads((eval_dir(run_dir, "val", checkpoint, iters=test_iters) / "metrics.json").read_text())
     records = read_metrics(run_dir)
+    # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
+    config = json.loads((run_dir / "config.json").read_text())
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val" and "fg_ari" in r]
     speeds = [r["images_per_s"] for r in train[1:] or train if "images_per_s" in r]  # the first: start-up
     return {
         "preset": preset, "seed": seed, "run_dir": str(run_dir), "measured": measured(),
         "dataset": get_preset(preset).data.name,
-        # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
-        "budget_minutes": json.loads((run_dir / "config.json").read_text())["train"]["time_budget"],
+        "budget_minutes": config["train"]["time_budget"],
+        "trained_iters": config["model"].get("iters"),
         "steps": train[-1]["step"] if train else 0,
         "train_minutes": train[-1].get("train_minutes", float("nan")) if train else 0.0,
         "images_per_s": sum(speeds) / len(speeds) if speeds else float("nan"),
@@ -134,8 +136,9 @@ def _score(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    """The table: one line per run and a mean per preset. FG-ARI is of the decoder's masks with the trained T (the
-    Slot Attention paper's measure); "attn" is of Slot Attention's masks; "T=n" of either with n iterations."""
+    """The table: one line per run and a mean per preset. FG-ARI is of the decoder's masks (the Slot Attention
+    paper's measure) with the run's own test-time T (the trained one unless ``model.test_iters`` is set: the preset
+    cell then says so); "attn" is of Slot Attention's masks; "T=n" of either with n iterations."""
     test_iters = sorted({r["test_iters"] for r in rows if r.get("test_iters")})
     extra = [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters]
     when = len({r.get("measured") for r in rows}) > 1  # rows kept from earlier runs: say when each was measured
@@ -159,7 +162,9 @@ def markdown(rows: list[dict], header: str) -> str:
         scores = [values(r) for r in group]
         for r, found in zip(group, scores):
             cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in found.items())
-            lines.append(f"| `{preset}` | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
+            at_test = r.get("iters") not in (None, r.get("trained_iters", r.get("iters")))
+            name = f"`{preset}`" + (f" (T={r['iters']} at test)" if at_test else "")
+            lines.append(f"| {name} | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
                          f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |"
                          + (f" {r.get('measured', '')} |" if when else ""))
         if len(group) > 1:

@@ -57,3 +57,11 @@ def test_test_time_iterations_add_both_fg_aris_at_that_t():
     table = discovery.markdown(rows, "header").splitlines()
     assert "| FG-ARI | FG-ARI, attn masks | FG-ARI, T=7 | attn, T=7 | ARI |" in table[2]
     assert "| 0.780 | 0.830 | 0.835 | 0.883 | 0.500 |" in table[4]
+
+
+def test_a_row_scored_at_its_own_test_time_t_says_so():
+    rows = [_row("clevr6-cpu", 0, 0.83, iters=7, trained_iters=3), _row("tetrominoes-cpu", 0, 0.9, iters=7,
+                                                                       trained_iters=7)]
+    lines = [line for line in discovery.markdown(rows, "header").splitlines() if line.startswith("| `")]
+    assert lines[0].startswith("| `tetrominoes-cpu` | 0 ")
+    assert lines[1].startswith("| `clevr6-cpu` (T=7 at test) | 0 ")

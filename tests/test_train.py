@@ -76,6 +76,20 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
 
 
+def test_test_iters_change_validation_and_leave_training_alone(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4"])
+    train(base, tmp_path / "plain")
+    train(apply_overrides(base, ["model.test_iters=9"]), tmp_path / "nine")
+    assert losses(tmp_path / "nine") == losses(tmp_path / "plain")  # training runs model.iters either way
+
+    def validation(run_dir: Path) -> list[float]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["split"] == "val"]
+
+    assert len(validation(tmp_path / "plain")) == 2
+    assert validation(tmp_path / "nine") != validation(tmp_path / "plain")  # validation runs model.test_iters
+
+
 def test_training_into_an_existing_run_is_refused(tmp_path):
     train(apply_overrides(get_preset("smoke"), SMOKE), tmp_path / "run")
     before = (tmp_path / "run/checkpoints/last.pt").read_bytes()

@@ -49,7 +49,7 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     if batch_size < 0:
         raise UserError(f"batch size must be 0 (the training batch size) or positive, got {batch_size}")
     if iters < 0:
-        raise UserError(f"iters must be 0 (as trained) or positive, got {iters}")
+        raise UserError(f"iters must be 0 (the run's own test-time T) or positive, got {iters}")
     run_dir = Path(run_dir)
     checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, model = load_trained_model(run_dir, checkpoint, device)

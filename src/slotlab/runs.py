@@ -219,7 +219,8 @@ def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
 def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0, iters: int = 0) -> Path:
     """Where ``slotlab eval`` keeps the results of one split, checkpoint, image count and number of test-time
     iterations: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit, ``-T<iters>`` with iterations
-    other than the trained ones), e.g. ``eval/val-best`` or ``eval/val-best-T15``."""
+    other than the run's own test-time ones, ``model.test_iters`` or else ``model.iters``), e.g. ``eval/val-best``
+    or ``eval/val-best-T15``."""
     suffix = (f"-first{limit}" if limit else "") + (f"-T{iters}" if iters else "")
     return Path(run_dir) / "eval" / f"{split}-{checkpoint}{suffix}"
 
@@ -232,7 +233,7 @@ def find_eval(run_dir: Path) -> Path | None:
     for folder in preferred:
         if (folder / "metrics.json").is_file():
             return folder
-    # the latest, preferring evaluations with the trained number of iterations to those with more (-T<n>)
+    # the latest, preferring evaluations with the run's own number of iterations to those with another (-T<n>)
     found = sorted(root.glob("*/metrics.json"),
                    key=lambda path: (re.search(r"-T\d+$", path.parent.name) is None, path.stat().st_mtime))
     if found:
