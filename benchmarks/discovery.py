@@ -152,8 +152,9 @@ def markdown(rows: list[dict], header: str) -> str:
     def values(r: dict) -> dict:
         found = {name: r.get(name) for name in names}
         for t in test_iters:
-            found[f"T{t}"] = r.get("test_iters_fg_ari") if r.get("test_iters") == t else None
-            found[f"attn T{t}"] = r.get("test_iters_attn_fg_ari") if r.get("test_iters") == t else None
+            scored_at_t = r.get("test_iters") == t
+            found[f"T{t}"] = r.get("test_iters_fg_ari") if scored_at_t else None
+            found[f"attn T{t}"] = r.get("test_iters_attn_fg_ari") if scored_at_t else None
         return found
 
     for preset in presets_in_order(rows):
@@ -162,8 +163,9 @@ def markdown(rows: list[dict], header: str) -> str:
         scores = [values(r) for r in group]
         for r, found in zip(group, scores):
             cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in found.items())
-            at_test = r.get("iters") not in (None, r.get("trained_iters", r.get("iters")))
-            name = f"`{preset}`" + (f" (T={r['iters']} at test)" if at_test else "")
+            scored, trained = r.get("iters"), r.get("trained_iters")  # None in rows of older tables
+            at_test = None not in (scored, trained) and scored != trained
+            name = f"`{preset}`" + (f" (T={scored} at test)" if at_test else "")
             lines.append(f"| {name} | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
                          f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |"
                          + (f" {r.get('measured', '')} |" if when else ""))
