@@ -54,6 +54,7 @@ from slotlab.runs import (
     checkpoint_path,
     clear_start_leftovers,
     has_checkpoint,
+    keep_freed_memory,
     load_run,
     pick_device,
 )
@@ -230,6 +231,8 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         device = pick_device(cfg.device)
+        if device.type == "cpu":
+            keep_freed_memory()
         if device.type == "cpu" and cfg.precision == "bf16" and not cpu_has_native_bf16():
             print("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
                   "slower than fp32: consider --set train.precision=fp32", file=sys.stderr)
