@@ -22,9 +22,9 @@ Usage::
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --test-iters 15
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --keep-others  # other presets' rows stay
 
-With ``--keep-others`` the rows of the presets not run this time are kept from the existing ``discovery.json``, each
-with the date and machine it was measured on (the table's "measured" column), so one benchmark can be re-measured
-without re-running the others.
+With ``--keep-others`` the rows of the runs (preset and seed) not made this time are kept from the existing
+``discovery.json``, each with the date and machine it was measured on (the table's "measured" column), so one
+benchmark, or one more seed of it, can be measured without re-running the others.
 """
 
 from __future__ import annotations
@@ -69,12 +69,13 @@ def measured() -> str:
     return f"{datetime.date.today().isoformat()}, {machine().split(',')[0]}"
 
 
-def kept_rows(path: Path, presets: set[str]) -> list[dict]:
-    """The rows of ``path`` (an earlier discovery.json) for presets other than ``presets``."""
+def kept_rows(path: Path, runs: set[tuple[str, int]]) -> list[dict]:
+    """The rows of ``path`` (an earlier discovery.json) of every (preset, seed) pair other than those in ``runs``."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    return [{"measured": data.get("machine", "?"), **row} for row in data["rows"] if row["preset"] not in presets]
+    return [{"measured": data.get("machine", "?"), **row} for row in data["rows"]
+            if (row["preset"], row["seed"]) not in runs]
 
 
 def slotlab(*args: str) -> None:
@@ -138,7 +139,8 @@ def _score(value: float | None, digits: int = 3) -> str:
 def markdown(rows: list[dict], header: str) -> str:
     """The table: one line per run and a mean per preset. FG-ARI is of the decoder's masks (the Slot Attention
     paper's measure) with the run's own test-time T (the trained one unless ``model.test_iters`` is set: the preset
-    cell then says so); "attn" is of Slot Attention's masks; "T=n" of either with n iterations."""
+    cell then says so); "attn" is of Slot Attention's masks; "T=n" of either with n iterations. Where a preset's runs
+    were scored at different Ts, only the "T=n" columns have a mean."""
     test_iters = sorted({r["test_iters"] for r in rows if r.get("test_iters")})
     extra = [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters]
     when = len({r.get("measured") for r in rows}) > 1  # rows kept from earlier runs: say when each was measured
@@ -158,9 +160,10 @@ def markdown(rows: list[dict], header: str) -> str:
         return found
 
     for preset in presets_in_order(rows):
-        group = [r for r in rows if r["preset"] == preset]
+        group = sorted((r for r in rows if r["preset"] == preset), key=lambda r: r["seed"])
         paper = PAPER_FG_ARI.get(group[0]["dataset"])
         scores = [values(r) for r in group]
+        one_t = len({r.get("iters") for r in group}) == 1  # else the plain columns mix two test-time conditions
         for r, found in zip(group, scores):
             cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in found.items())
             scored, trained = r.get("iters"), r.get("trained_iters")  # None in rows of older tables
@@ -173,7 +176,8 @@ def markdown(rows: list[dict], header: str) -> str:
             cells = []
             for name in names:
                 known = [found[name] for found in scores if found[name] is not None]
-                mean = sum(known) / len(known) if len(known) == len(group) else None
+                comparable = one_t or name.startswith(("T", "attn T"))  # a "T=n" column is at n in every row
+                mean = sum(known) / len(known) if len(known) == len(group) and comparable else None
                 cell = _score(mean, 4 if name == "mse" else 3)
                 cells.append(f"**{cell}**" if name == "fg_ari" and cell else cell)
             lines.append(f"| `{preset}` | mean | | | | {' | '.join(cells)} | |" + (" |" if when else ""))
@@ -213,28 +217,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-iters", type=int, default=0, metavar="T",
                         help="also score every run with T grouping iterations at test time (0 = no)")
     parser.add_argument("--keep-others", action="store_true",
-                        help="keep the rows of presets not run now from the existing discovery.json")
+                        help="keep the rows of runs (preset, seed) not made now from the existing discovery.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
               f"`python benchmarks/discovery.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
-    run_presets = {item.partition(":")[0] for item in args.presets}
-    rows = kept_rows(out / "discovery.json", run_presets) if args.keep_others else []
-    if rows:
-        header += "; the rows of other presets are kept from earlier runs (`--keep-others`: see the measured column)"
-    for item in args.presets:  # PRESET, or PRESET:SEED,SEED to give that preset its own seeds
+    plan = []  # (preset, seed) in the order given: PRESET, or PRESET:SEED,SEED to give that preset its own seeds
+    for item in args.presets:
         preset, _, seed_list = item.partition(":")
-        seeds = [int(s) for s in seed_list.split(",")] if seed_list else args.seeds
+        plan += [(preset, seed) for seed in ([int(s) for s in seed_list.split(",")] if seed_list else args.seeds)]
+    rows = kept_rows(out / "discovery.json", set(plan)) if args.keep_others else []
+    if rows:
+        header += "; the rows of other runs are kept from earlier ones (`--keep-others`: see the measured column)"
+    for preset, seed in plan:
         overrides = list(args.set)
         if args.budget_scale != 1.0:
             overrides.append(f"train.time_budget={get_preset(preset).train.time_budget * args.budget_scale:g}")
-        for seed in seeds:
-            rows.append(run_one(preset, seed, Path(args.runs), overrides, args.test_iters))
-            # written after every run, so that a stopped queue leaves the table of what finished
-            (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
-            (out / "discovery.md").write_text(markdown(rows, header))
-            figure(rows, out / "discovery.png")
+        rows.append(run_one(preset, seed, Path(args.runs), overrides, args.test_iters))
+        # written after every run, so that a stopped queue leaves the table of what finished
+        (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+        (out / "discovery.md").write_text(markdown(rows, header))
+        figure(rows, out / "discovery.png")
     print(markdown(rows, header))
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/discovery.py's table: rows kept from an earlier run (--keep-others) and the presets' order."""
+"""benchmarks/discovery.py's table: rows kept from earlier runs (--keep-others), the presets' order, the means."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def _row(preset: str, seed: int, fg_ari: float, **more) -> dict:
             **more}
 
 
-def test_kept_rows_are_those_of_other_presets_and_say_when_they_were_measured(tmp_path):
+def test_kept_rows_are_those_of_other_runs_and_say_when_they_were_measured(tmp_path):
     earlier = tmp_path / "discovery.json"
     earlier.write_text(json.dumps({"machine": "AMD EPYC, 2 cores", "rows": [
         _row("tetrominoes-cpu", 0, 0.8), _row("clevr6-cpu", 0, 0.7, measured="2026-12-01, AMD EPYC")]}))
-    kept = discovery.kept_rows(earlier, {"tetrominoes-cpu"})
+    kept = discovery.kept_rows(earlier, {("tetrominoes-cpu", 0)})
     assert [(r["preset"], r["measured"]) for r in kept] == [("clevr6-cpu", "2026-12-01, AMD EPYC")]
-    assert discovery.kept_rows(tmp_path / "none.json", {"tetrominoes-cpu"}) == []
+    assert discovery.kept_rows(tmp_path / "none.json", {("tetrominoes-cpu", 0)}) == []
 
     new = _row("tetrominoes-cpu", 0, 0.95, measured="2026-12-04, Intel Xeon")
     table = discovery.markdown(kept + [new], "header")
@@ -65,3 +65,23 @@ def test_a_row_scored_at_its_own_test_time_t_says_so():
     lines = [line for line in discovery.markdown(rows, "header").splitlines() if line.startswith("| `")]
     assert lines[0].startswith("| `tetrominoes-cpu` | 0 ")
     assert lines[1].startswith("| `clevr6-cpu` (T=7 at test) | 0 ")
+
+
+def test_kept_rows_are_those_of_other_runs_so_a_seed_can_be_added(tmp_path):
+    earlier = tmp_path / "discovery.json"
+    earlier.write_text(json.dumps({"machine": "Intel Xeon", "rows": [
+        _row("clevr6-cpu", 0, 0.78), _row("clevr6-cpu", 1, 0.5), _row("tetrominoes-cpu", 1, 0.9)]}))
+    kept = discovery.kept_rows(earlier, {("clevr6-cpu", 1), ("clevr6-cpu", 2)})
+    assert [(r["preset"], r["seed"]) for r in kept] == [("clevr6-cpu", 0), ("tetrominoes-cpu", 1)]
+
+
+def test_a_mean_over_runs_scored_at_different_t_is_left_out_but_that_at_one_t_is_given():
+    older = _row("clevr6-cpu", 0, 0.78, iters=3, trained_iters=3, test_iters=7, test_iters_fg_ari=0.83,
+                 test_iters_attn_fg_ari=0.88)
+    newer = _row("clevr6-cpu", 1, 0.87, iters=7, trained_iters=3, test_iters=7, test_iters_fg_ari=0.87,
+                 test_iters_attn_fg_ari=0.90)
+    lines = discovery.markdown([newer, older], "header").splitlines()
+    runs = [line for line in lines if line.startswith("| `")]
+    assert runs[0].startswith("| `clevr6-cpu` | 0 ") and runs[1].startswith("| `clevr6-cpu` (T=7 at test) | 1 ")
+    # FG-ARI, attn, then the T=7 pair: only the T=7 pair is one measurement in both rows
+    assert runs[2].startswith("| `clevr6-cpu` | mean | | | |  |  | 0.850 | 0.890 |  |")
