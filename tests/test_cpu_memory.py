@@ -24,6 +24,7 @@ net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 5, padding=2), torch.nn.ReLU(),
 x = torch.randn(8, 3, 64, 64)
 def step():
     net(x).square().mean().backward()
+    torch.ones(12 << 20)  # 48 MiB: above any mmap threshold glibc allows (a bf16 decoder activation is 56 MiB)
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
@@ -41,7 +42,7 @@ def _faults_per_step(mode: str) -> float:
 @glibc_only
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     default, kept = _faults_per_step("default"), _faults_per_step("keep")
-    assert kept * 2 < default, (kept, default)
+    assert kept * 4 < default, (kept, default)
 
 
 @glibc_only

@@ -122,8 +122,8 @@ class RunLock:
 
 # ---------------------------------------------------------------------------------------------------- reading a run
 # glibc malloc parameters (malloc.h), and the environment variables that set them before a process starts
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
 _kept_freed_memory = False
 
 
@@ -131,12 +131,12 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc keep the memory that freed tensors leave, to reuse it, instead of handing it back at once.
 
     A CPU training step allocates and frees dozens of large tensors. By default glibc serves each block above its
-    mmap threshold with a fresh ``mmap`` and returns the top of its heap to the system beyond 128 KiB, so every step
-    faults in (and the kernel zeroes) the same hundreds of megabytes again: on 2 cores the kernel took a fifth of
-    the CPU time and the ``clevr6-cpu`` step ran at 29 images/s. Blocks up to 32 MiB (glibc's largest threshold)
-    served from the heap, and the heap grown and kept 1 GiB beyond its use (top pad, trim threshold; the padding
-    matters most), make it 44 images/s (docs/performance.md). Resident memory then stays near the peak of a step,
-    which a training process reaches anyway.
+    mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns the free top of its heap to the system, so
+    every step faults in (and the kernel zeroes) the same hundreds of megabytes again: on 2 cores the kernel took a
+    fifth of the CPU time and the ``clevr6-cpu`` step ran at 29 images/s (its bf16 decoder activations alone are
+    56 MiB blocks, seven a step). With no block mmapped (every one from the heap, where a freed one is reused) and
+    the heap grown and kept 1 GiB beyond its use, it runs at 44 images/s (docs/performance.md). Resident memory then
+    stays near the peak of a step, which a training process reaches anyway.
 
     Called for CPU training and evaluation; leaves the allocator alone where the user set it (the ``MALLOC_*_``
     variables, ``glibc.malloc`` tunables) and off glibc (macOS, musl; a preloaded tcmalloc or jemalloc does not use
@@ -150,7 +150,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 30))
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 30))
     _kept_freed_memory = all(mallopt(param, value) == 1 for param, value in settings)
     return _kept_freed_memory
 
