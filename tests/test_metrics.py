@@ -269,3 +269,34 @@ def test_object_discovery_metrics_agree_with_single_metrics():
     assert scores["num_objects"][4].item() == 0
     assert torch.equal(object_discovery_scores(pred, true)["miou"], scores["miou"])
     assert set(scores) >= {"ari", "fg_ari", "miou", "mbo", "mse", "clevrtex_mse", "num_objects", "num_segments"}
+
+
+def test_object_pixels_are_placed_in_own_background_other_and_spare_slots():
+    from slotlab.metrics.object_discovery import PLACE_SCORES, ObjectDiscoveryMetrics
+    from slotlab.metrics.overlap import object_pixel_places_from_contingency
+
+    # 8 pixels: background 0-3, object 1 at 4-5, object 2 at 6-7 (the third image has no object 2)
+    true = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]])
+    pred = torch.tensor([
+        [0, 0, 0, 0, 0, 1, 2, 3],  # object 1 half in the background's slot; object 2 cut in two (one half spare)
+        [0, 0, 0, 0, 1, 1, 2, 1],  # one pixel of object 2 in object 1's slot
+        [0, 0, 0, 0, 0, 0, 0, 0],  # object 1 drawn by the background's slot (its best match overlaps nothing)
+    ])
+    table = contingency(pred, true, num_pred=4)  # [3, 3, 4]
+    places = object_pixel_places_from_contingency(table)  # own, background, other object, spare
+    assert places.tolist() == [[2, 1, 0, 1], [3, 0, 1, 0], [0, 2, 0, 0]]
+    # the order of the slots does not matter
+    assert object_pixel_places_from_contingency(table.flip(2)).tolist() == places.tolist()
+    # a segment absent from an image (object 2 in the second) is matched to a leftover slot with IoU 0: that slot,
+    # here holding a cut-off piece of object 1, stays spare
+    true_2 = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]])
+    pred_2 = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 1, 2]])
+    assert object_pixel_places_from_contingency(contingency(pred_2, true_2, num_pred=3)).tolist() == [
+        [4, 0, 0, 0], [1, 0, 0, 1]]
+
+    metrics = ObjectDiscoveryMetrics()
+    masks = torch.nn.functional.one_hot(pred, 4).permute(0, 2, 1).float().view(3, 4, 1, 8)  # [B, K, H, W]
+    scores = metrics.update(masks, true.view(3, 1, 8))
+    assert scores["objects_in_own_slot"].tolist() == [0.5, 0.75, 0.0]
+    pooled = metrics.compute()  # over the 10 object pixels of the three images
+    assert [round(pooled[name], 6) for name in PLACE_SCORES] == [0.5, 0.3, 0.1, 0.1]

@@ -49,19 +49,58 @@ def iou_from_contingency(table: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, table / union.clamp_min(1), torch.zeros_like(table))
 
 
-def hungarian_matched_iou(iou: torch.Tensor) -> torch.Tensor:
-    """IoU ``[B, T]`` of each true segment with the slot the Hungarian algorithm gives it (0 when unmatched).
+def hungarian_match(iou: torch.Tensor) -> torch.Tensor:
+    """The slot ``[B, T]`` (long) the Hungarian algorithm gives each true segment, -1 when it gets none.
 
     The matching maximises the total IoU per image. Slots are sorted by their IoU column first, so the result does not
     depend on the order of the slots even when the optimum is not unique.
     """
     iou_np = iou.detach().cpu().numpy()  # [B, T, K], small: only this step leaves the device
-    matched = np.zeros(iou_np.shape[:2])  # [B, T]
+    match = np.full(iou_np.shape[:2], -1, dtype=np.int64)  # [B, T]
     for b, matrix in enumerate(iou_np):  # scipy solves one small [T, K] problem at a time
-        canonical = matrix[:, np.lexsort(matrix[::-1])]  # columns in lexicographic order of (row 0, row 1, ...)
-        rows, cols = linear_sum_assignment(canonical, maximize=True)
-        matched[b, rows] = canonical[rows, cols]
-    return torch.from_numpy(matched).to(iou.device)
+        order = np.lexsort(matrix[::-1])  # columns in lexicographic order of (row 0, row 1, ...)
+        rows, cols = linear_sum_assignment(matrix[:, order], maximize=True)
+        match[b, rows] = order[cols]
+    return torch.from_numpy(match).to(iou.device)
+
+
+def hungarian_matched_iou(iou: torch.Tensor) -> torch.Tensor:
+    """IoU ``[B, T]`` (float64) of each true segment with the slot :func:`hungarian_match` gives it (0 when none)."""
+    match = hungarian_match(iou)  # [B, T]
+    matched = iou.double().gather(2, match.clamp_min(0).unsqueeze(2)).squeeze(2)  # [B, T]
+    return torch.where(match >= 0, matched, torch.zeros_like(matched))
+
+
+# where an object's pixels lie: the order of the columns of :func:`object_pixel_places_from_contingency`
+OBJECT_PIXEL_PLACES = ("own", "background", "other_object", "spare")
+
+
+def object_pixel_places_from_contingency(table: torch.Tensor) -> torch.Tensor:
+    """Where the foreground objects' pixels lie, as pixel counts ``[B, 4]`` in :data:`OBJECT_PIXEL_PLACES` order.
+
+    True segments (background included) are matched to slots as for mIoU (a match with IoU 0 counts as none). An
+    object pixel is in its **own** slot (the one matched to its object), in the **background**'s (matched to the
+    background), in an **other object**'s, or in a **spare** slot (matched to nothing: typically a part of an object
+    cut off from the rest, or, where several slots share the background, a stretch of it). The four add up to the
+    image's object pixels: the breakdown of what FG-ARI misses, one failure per column.
+    """
+    batch, num_true, num_slots = table.shape
+    iou = iou_from_contingency(table)  # [B, T, K]
+    match = hungarian_match(iou)  # [B, T]
+    matched = match >= 0
+    matched &= iou.gather(2, match.clamp_min(0).unsqueeze(2)).squeeze(2) > 0  # [B, T]
+    # role[b, k]: the true segment slot k is matched to (0 = background), or -1 for a spare slot
+    target = torch.where(matched, match, torch.full_like(match, num_slots))  # unmatched -> an extra column, dropped
+    segments = torch.arange(num_true, device=table.device).expand(batch, num_true)  # [B, T]
+    role = torch.full((batch, num_slots + 1), -1, dtype=torch.long, device=table.device)
+    role = role.scatter(1, target, segments)[:, :num_slots].unsqueeze(1)  # [B, 1, K]
+    objects = table[:, 1:, :]  # [B, T - 1, K]: object pixels by slot
+    ids = torch.arange(1, num_true, device=table.device).view(1, -1, 1)  # [1, T - 1, 1]
+    own = (objects * (role == ids)).sum(dim=(1, 2))  # [B]
+    background = (objects * (role == 0)).sum(dim=(1, 2))  # [B]
+    spare = (objects * (role == -1)).sum(dim=(1, 2))  # [B]
+    other = objects.sum(dim=(1, 2)) - own - background - spare  # [B]
+    return torch.stack([own, background, other, spare], dim=1)  # [B, 4]
 
 
 def miou_from_contingency(table: torch.Tensor) -> torch.Tensor:
