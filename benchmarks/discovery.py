@@ -24,7 +24,9 @@ Usage::
 
 With ``--keep-others`` the rows of the runs (preset and seed) not made this time are kept from the existing
 ``discovery.json``, each with the date and machine it was measured on (the table's "measured" column), so one
-benchmark, or one more seed of it, can be measured without re-running the others.
+benchmark, or one more seed of it, can be measured without re-running the others. A kept row may come from another
+day, machine or command line than the header's (the column says when and where): the preset's mean is over all of its
+rows.
 """
 
 from __future__ import annotations

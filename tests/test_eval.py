@@ -60,6 +60,14 @@ def test_eval_writes_every_metric_and_per_image_scores(evaluated_run):
     for name in ("fg_ari", "miou", "mbo"):
         assert saved[name] == pytest.approx(np.mean([float(r[name]) for r in with_objects]), abs=1e-5), name
     assert saved["clevrtex_mse"] == pytest.approx(np.mean([float(r["clevrtex_mse"]) for r in rows]), rel=1e-4)
+    # Where the object pixels go: per image in the CSV, pooled over the images' object pixels in metrics.json.
+    places = ("own", "background", "other_object", "spare")
+    pixels = np.array([int(r["object_pixels"]) for r in rows])
+    for place in places:
+        name = f"objects_in_{place}_slot"
+        shares = np.array([float(r[name]) for r in rows])
+        assert saved[name] == pytest.approx((shares * pixels).sum() / pixels.sum(), abs=1e-5), name
+    assert sum(saved[f"objects_in_{place}_slot"] for place in places) == pytest.approx(1.0)
     # 16x16 RGB: the per-image CLEVRTex sum on [0, 1] is 3*16*16/4 times the [-1, 1] mean.
     assert saved["clevrtex_mse"] == pytest.approx(saved["mse"] * 3 * 16 * 16 / 4, rel=1e-4)
 

@@ -20,7 +20,7 @@ import torch
 from slotlab.data import build_dataset
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
-from slotlab.runs import choose_checkpoint, eval_dir
+from slotlab.runs import choose_checkpoint, eval_dir, keep_freed_memory
 from slotlab.tasks import get_task, load_trained_model
 
 
@@ -64,6 +64,8 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     dataset = build_dataset(config.data, split)
     if len(dataset) == 0:
         raise UserError(f"the {split} split of dataset {config.data.name!r} is empty: nothing to evaluate")
+    if dev.type == "cpu":
+        keep_freed_memory()  # after the data: only the batches' tensors come and go from here on
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
     out_dir = eval_dir(run_dir, split, checkpoint, limit, iters)  # e.g. eval/val-best: other evaluations stay
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -134,16 +134,20 @@ def keep_freed_memory() -> bool:
     mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns the free top of its heap to the system, so
     every step faults in (and the kernel zeroes) the same hundreds of megabytes again: on 2 cores the kernel took a
     fifth of the CPU time and the ``clevr6-cpu`` step ran at 29 images/s (its bf16 decoder activations alone are
-    56 MiB blocks, seven a step). With no block mmapped (every one from the heap, where a freed one is reused) and
-    the heap grown and kept 1 GiB beyond its use, it runs at 44 images/s (docs/performance.md). Resident memory then
-    stays near the peak of a step, which a training process reaches anyway.
+    56 MiB blocks, seven a step). With no mmapped blocks in the main heap (where autograd and the optimizer allocate;
+    a freed block is reused there) and the heap grown and kept 1 GiB beyond its use, it runs at 44 images/s
+    (docs/performance.md). The process keeps the memory of its largest step, which it reaches every step anyway.
 
-    Called for CPU training and evaluation; leaves the allocator alone where the user set it (the ``MALLOC_*_``
-    variables, ``glibc.malloc`` tunables) and off glibc (macOS, musl; a preloaded tcmalloc or jemalloc does not use
-    glibc's heap). Returns whether the settings are in force.
+    The trainer and ``slotlab eval`` call it on a CPU once their data and model are in memory; loading a model
+    (``slotlab.load``) does not, so a notebook's allocator is left alone. It leaves the allocator alone where the user
+    set it (the ``MALLOC_*_`` variables, ``glibc.malloc`` tunables, ``SLOTLAB_KEEP_FREED_MEMORY=0``) and off glibc
+    (macOS, musl). With a preloaded tcmalloc or jemalloc the settings are made but idle. Under strict overcommit
+    (``vm.overcommit_memory=2``) or an address-space limit, the 1 GiB pad makes the heap ask for that much more at a
+    time: ``SLOTLAB_KEEP_FREED_MEMORY=0`` turns it off. Returns whether the settings are in force.
     """
     global _kept_freed_memory
-    users_own = any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    users_own = (any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+                 or os.environ.get("SLOTLAB_KEEP_FREED_MEMORY", "1") == "0")
     if _kept_freed_memory or users_own or not sys.platform.startswith("linux"):
         return _kept_freed_memory
     try:
@@ -151,7 +155,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 30))
-    _kept_freed_memory = all(mallopt(param, value) == 1 for param, value in settings)
+    _kept_freed_memory = all([mallopt(param, value) == 1 for param, value in settings])  # a list: make all three
     return _kept_freed_memory
 
 

@@ -50,7 +50,7 @@ def object_discovery_scores(pred: torch.Tensor, true: torch.Tensor) -> dict[str,
         "mbo": mbo_from_contingency(table),
         "num_objects": num_objects_from_contingency(table),
         "num_segments": (table.sum(dim=1) > 0).sum(dim=1),
-        "object_pixels": object_pixels,
+        "object_pixels": object_pixels.long(),
         **{name: shares[:, i] for i, name in enumerate(PLACE_SCORES)},
     }
 

@@ -52,8 +52,8 @@ def iou_from_contingency(table: torch.Tensor) -> torch.Tensor:
 def hungarian_match(iou: torch.Tensor) -> torch.Tensor:
     """The slot ``[B, T]`` (long) the Hungarian algorithm gives each true segment, -1 when it gets none.
 
-    The matching maximises the total IoU per image. Slots are sorted by their IoU column first, so the result does not
-    depend on the order of the slots even when the optimum is not unique.
+    The matching maximises the total IoU per image. Slots are sorted by their IoU column first, so the same slot gets
+    the same segment whatever the order of the slots, even when the optimum is not unique.
     """
     iou_np = iou.detach().cpu().numpy()  # [B, T, K], small: only this step leaves the device
     match = np.full(iou_np.shape[:2], -1, dtype=np.int64)  # [B, T]
@@ -67,7 +67,7 @@ def hungarian_match(iou: torch.Tensor) -> torch.Tensor:
 def hungarian_matched_iou(iou: torch.Tensor) -> torch.Tensor:
     """IoU ``[B, T]`` (float64) of each true segment with the slot :func:`hungarian_match` gives it (0 when none)."""
     match = hungarian_match(iou)  # [B, T]
-    matched = iou.double().gather(2, match.clamp_min(0).unsqueeze(2)).squeeze(2)  # [B, T]
+    matched = iou.detach().double().gather(2, match.clamp_min(0).unsqueeze(2)).squeeze(2)  # [B, T]
     return torch.where(match >= 0, matched, torch.zeros_like(matched))
 
 

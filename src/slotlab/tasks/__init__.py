@@ -34,7 +34,7 @@ from torch import nn
 from slotlab.config import Config
 from slotlab.errors import UserError
 from slotlab.io import load_weights
-from slotlab.runs import choose_checkpoint, keep_freed_memory, load_run, pick_device, weights_file
+from slotlab.runs import choose_checkpoint, load_run, pick_device, weights_file
 
 TASK_MODULES = {
     "autoencoder": "slotlab.tasks.autoencoder",
@@ -125,9 +125,7 @@ def load_trained_model(run_dir: Path, checkpoint: str = "best", device: str = "a
     config, state = load_run(run_dir, checkpoint)
     model = build_model(config)
     load_weights(model, state["model"], weights_file(run_dir, checkpoint))
-    model.to(target := pick_device(device)).eval()
-    if target.type == "cpu":
-        keep_freed_memory()
+    model.to(pick_device(device)).eval()
     return config, model
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from slotlab.io import atomic_write_text
 from slotlab.metrics import ObjectDiscoveryMetrics
 from slotlab.metrics.disentanglement import disentanglement_scores, match_slots_to_objects
+from slotlab.metrics.object_discovery import PLACE_SCORES
 from slotlab.models import SlotAutoencoder
 from slotlab.models.slot_attention import attention_masks
 from slotlab.tasks import Task, register
@@ -33,7 +34,8 @@ GALLERY_SIZE = 5  # images in best.png / worst.png
 FIRST_IMAGES = 8  # images in masks.png
 SLOT_IMAGES = 4  # images in slots.png
 ATTENTION_IMAGES = 3  # images in attention.png
-CSV_COLUMNS = ("index", "ari", "fg_ari", "miou", "mbo", "mse", "clevrtex_mse", "num_objects", "num_segments")
+CSV_COLUMNS = ("index", "ari", "fg_ari", "miou", "mbo", "mse", "clevrtex_mse", "num_objects", "num_segments",
+               "object_pixels", *PLACE_SCORES)
 
 
 @register("autoencoder")

@@ -231,8 +231,6 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         device = pick_device(cfg.device)
-        if device.type == "cpu":
-            keep_freed_memory()
         if device.type == "cpu" and cfg.precision == "bf16" and not cpu_has_native_bf16():
             print("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
                   "slower than fp32: consider --set train.precision=fp32", file=sys.stderr)
@@ -251,6 +249,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "skipped_files.txt", "\n".join(skipped) + "\n")
         self.model = prepare_model(self.task.build_model(), self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # after the data and the model: only the steps' tensors come and go from here on
         self.step = 0
         self.best_val = math.inf
         self.train_seconds = 0.0  # time spent in training steps so far (over every session of the run)
