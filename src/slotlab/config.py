@@ -359,10 +359,11 @@ def _clevr6_cpu() -> Config:
 
     bf16 autocast as in ``tetrominoes-cpu``: the full-resolution decoder at 64x64 is memory-bound. The paper's
     Gaussian slots with T=3 in training and T=7 outside it (``model.test_iters``): Slot Attention goes on refining
-    its slots past the trained T, and on CLEVR6 seven iterations raise FG-ARI from 0.78 to 0.84 (decoder masks) and
-    0.83 to 0.88 (attention masks). BO-QSA's learned queries (``model.slot_init=bo_qsa``, T=7) reached only 0.75, but
-    give the background one slot (ARI 0.88, mBO 0.70, against 0.05 and 0.18 here, where the background is shared out
-    among the slots): docs/discovery/levers.md.
+    its slots past the trained T, and on CLEVR6 seven iterations raised seed 0's FG-ARI from 0.78 to 0.84 (decoder
+    masks) and 0.83 to 0.88 (attention masks); seed 1 of this preset ended at 0.76 / 0.73 (T=7). BO-QSA's learned
+    queries (``model.slot_init=bo_qsa``, T=7) reached only 0.75, but give the background one slot (ARI 0.88, mBO 0.70,
+    against 0.05 / 0.49 and 0.18 / 0.44 here, where the background is shared out among the slots):
+    docs/discovery/levers.md.
     """
     return Config(
         data=DataConfig(name="clevr6", resolution=64, num_train=40_000, num_val=320, min_objects=3, max_objects=6),
