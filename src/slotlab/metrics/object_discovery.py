@@ -12,6 +12,8 @@ import torch
 from slotlab.metrics.ari import ari_from_contingency, contingency, fg_ari_from_contingency, mask_ids
 from slotlab.metrics.overlap import (
     OBJECT_PIXEL_PLACES,
+    hungarian_match,
+    iou_from_contingency,
     mbo_from_contingency,
     miou_from_contingency,
     num_objects_from_contingency,
@@ -40,13 +42,14 @@ def object_discovery_scores(pred: torch.Tensor, true: torch.Tensor) -> dict[str,
         :func:`~slotlab.metrics.overlap.object_pixel_places_from_contingency`).
     """
     table = contingency(mask_ids(pred), true, num_pred=pred.shape[1] if pred.dim() == 4 else None)  # [B, T, K]
-    places = object_pixel_places_from_contingency(table)  # [B, 4] pixel counts
+    match = hungarian_match(iou_from_contingency(table))  # [B, T]: one matching for mIoU and the object pixels
+    places = object_pixel_places_from_contingency(table, match)  # [B, 4] pixel counts
     object_pixels = places.sum(dim=1)  # [B]
     shares = places / object_pixels.clamp_min(1).unsqueeze(1)  # [B, 4]
     return {
         "ari": ari_from_contingency(table),
         "fg_ari": fg_ari_from_contingency(table),
-        "miou": miou_from_contingency(table),
+        "miou": miou_from_contingency(table, match),
         "mbo": mbo_from_contingency(table),
         "num_objects": num_objects_from_contingency(table),
         "num_segments": (table.sum(dim=1) > 0).sum(dim=1),

@@ -64,9 +64,10 @@ def hungarian_match(iou: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(match).to(iou.device)
 
 
-def hungarian_matched_iou(iou: torch.Tensor) -> torch.Tensor:
-    """IoU ``[B, T]`` (float64) of each true segment with the slot :func:`hungarian_match` gives it (0 when none)."""
-    match = hungarian_match(iou)  # [B, T]
+def hungarian_matched_iou(iou: torch.Tensor, match: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU ``[B, T]`` (float64) of each true segment with the slot :func:`hungarian_match` gives it (0 when none);
+    ``match`` is that matching when the caller has it already."""
+    match = hungarian_match(iou) if match is None else match  # [B, T]
     matched = iou.detach().double().gather(2, match.clamp_min(0).unsqueeze(2)).squeeze(2)  # [B, T]
     return torch.where(match >= 0, matched, torch.zeros_like(matched))
 
@@ -75,20 +76,20 @@ def hungarian_matched_iou(iou: torch.Tensor) -> torch.Tensor:
 OBJECT_PIXEL_PLACES = ("own", "background", "other_object", "spare")
 
 
-def object_pixel_places_from_contingency(table: torch.Tensor) -> torch.Tensor:
+def object_pixel_places_from_contingency(table: torch.Tensor, match: torch.Tensor | None = None) -> torch.Tensor:
     """Where the foreground objects' pixels lie, as pixel counts ``[B, 4]`` in :data:`OBJECT_PIXEL_PLACES` order.
 
     True segments (background included) are matched to slots as for mIoU (a match with IoU 0 counts as none). An
     object pixel is in its **own** slot (the one matched to its object), in the **background**'s (matched to the
     background), in an **other object**'s, or in a **spare** slot (matched to nothing: typically a part of an object
     cut off from the rest, or, where several slots share the background, a stretch of it). The four add up to the
-    image's object pixels: the breakdown of what FG-ARI misses, one failure per column.
+    image's object pixels: the breakdown of what FG-ARI misses, one failure per column. ``match``: the
+    :func:`hungarian_match` of ``table``'s IoUs, when the caller has it already.
     """
     batch, num_true, num_slots = table.shape
     iou = iou_from_contingency(table)  # [B, T, K]
-    match = hungarian_match(iou)  # [B, T]
-    matched = match >= 0
-    matched &= iou.gather(2, match.clamp_min(0).unsqueeze(2)).squeeze(2) > 0  # [B, T]
+    match = hungarian_match(iou) if match is None else match  # [B, T]
+    matched = hungarian_matched_iou(iou, match) > 0  # [B, T]: a match of IoU 0 counts as none
     # role[b, k]: the true segment slot k is matched to (0 = background), or -1 for a spare slot
     target = torch.where(matched, match, torch.full_like(match, num_slots))  # unmatched -> an extra column, dropped
     segments = torch.arange(num_true, device=table.device).expand(batch, num_true)  # [B, T]
@@ -103,9 +104,10 @@ def object_pixel_places_from_contingency(table: torch.Tensor) -> torch.Tensor:
     return torch.stack([own, background, other, spare], dim=1)  # [B, 4]
 
 
-def miou_from_contingency(table: torch.Tensor) -> torch.Tensor:
-    """CLEVRTex-style foreground mIoU ``[B]`` from contingency tables ``[B, T, K]`` (see the module docstring)."""
-    matched = hungarian_matched_iou(iou_from_contingency(table))  # [B, T]
+def miou_from_contingency(table: torch.Tensor, match: torch.Tensor | None = None) -> torch.Tensor:
+    """CLEVRTex-style foreground mIoU ``[B]`` from contingency tables ``[B, T, K]`` (see the module docstring);
+    ``match``: the :func:`hungarian_match` of their IoUs, when the caller has it already."""
+    matched = hungarian_matched_iou(iou_from_contingency(table), match)  # [B, T]
     true_present = table.sum(dim=2) > 0  # [B, T]
     num_slots_used = (table.sum(dim=1) > 0).sum(dim=1)  # [B]
     num_true = true_present.sum(dim=1)  # [B], background included when present
