@@ -344,3 +344,55 @@ def test_slot_edges_give_each_slot_its_own_edge_directions_in_the_first_layer():
                            if not name.startswith("slot_edges.")})
     torch.testing.assert_close(decoder.decode(slots.view(1, 3, 8)).recon, plain.decode(slots.view(1, 3, 8)).recon)
     assert not torch.allclose(out.recon, plain.decode(slots.view(1, 3, 8)).recon)
+
+
+def test_mask_agreement_teaches_the_decoder_the_attention_and_leaves_the_attention_alone():
+    """model.mask_agreement adds the decoder masks' cross-entropy against the attention masks: it trains the decoder
+    masks (and the slots they come from), never the attention it is measured against, and is smallest when the two
+    agree."""
+    from dataclasses import replace
+
+    from slotlab.models.autoencoder import mask_agreement
+    from slotlab.models.slot_attention import attention_masks
+
+    config = apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.5"])
+    model = build_model(config).train()
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
+    torch.manual_seed(0)
+    loss, logs = model.compute_loss(batch)
+    torch.testing.assert_close(loss, logs["mse"] + 0.5 * logs["mask_agreement"])
+    torch.manual_seed(0)
+    out = model(batch["image"])
+    agreement = mask_agreement(out)
+    agreement.backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.decoder.parameters())
+    # The attention is the target: with the decoder masks held fixed nothing is left to train.
+    assert not mask_agreement(replace(out, masks=out.masks.detach())).requires_grad
+    # Cross-entropy: at least the attention masks' own entropy, reached where the decoder masks equal them.
+    target = attention_masks(out.attn.detach(), out.feature_size, (16, 16))
+    entropy = -(target * target.clamp_min(1e-6).log()).sum(1).mean()
+    assert agreement > entropy
+    torch.testing.assert_close(mask_agreement(replace(out, masks=target)), entropy)
+    # Validation scores the reconstruction alone: the loss there is the MSE.
+    model.eval()
+    loss, logs = model.compute_loss(batch)
+    assert "mask_agreement" not in logs and torch.equal(loss, logs["mse"])
+
+
+def test_mask_agreement_starts_at_its_fraction_of_training():
+    config = apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.5", "model.mask_agreement_from=0.5"])
+    model = build_model(config).train()
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1}
+    model.set_progress(0.49)
+    loss, logs = model.compute_loss(batch)
+    assert "mask_agreement" not in logs and torch.equal(loss, logs["mse"])
+    model.set_progress(0.5)
+    loss, logs = model.compute_loss(batch)
+    assert logs["mask_agreement"] > 0
+    torch.testing.assert_close(loss, logs["mse"] + 0.5 * logs["mask_agreement"])
+
+
+def test_mask_agreement_needs_the_whole_image_decoded():
+    with pytest.raises(UserError, match="model.mask_agreement"):
+        apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.1", "model.decoder_kind=mlp",
+                                              "model.decoder_pixels=0.5"])

@@ -44,6 +44,15 @@ def test_the_trainer_advances_the_decoders_octave_fade_every_step(tmp_path):
     assert state["model"]["decoder.pos.progress"].item() == 0.5  # set to step 2 / 4 before the last step
 
 
+def test_the_trainer_starts_the_mask_agreement_at_its_fraction_of_the_steps(tmp_path):
+    config = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4", "model.mask_agreement=0.1",
+                                                         "model.mask_agreement_from=0.5"])
+    train(config, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    with_agreement = [r["step"] for r in records if r["split"] == "train" and "mask_agreement" in r]
+    assert with_agreement == [3, 4]  # the steps that start at 2 and 3 of 4 (progress 0.5 and 0.75)
+
+
 def test_a_pixel_sampling_mlp_decoder_run_trains_and_resumes_exactly(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4", "model.decoder_kind=mlp",
                                                        "model.decoder_pixels=0.3"])

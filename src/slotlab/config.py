@@ -104,6 +104,11 @@ class ModelConfig:
     # A background slot: slot 0 (the first learned query) is drawn by its own decoder on a background_grid x
     # background_grid map upsampled bilinearly: smooth, so it cannot take a small object. 0 = no background slot.
     background_grid: int = _field(0, lo=0, hi=1024)
+    # Weight of a loss teaching the decoder's masks the attention masks (per-pixel cross-entropy, the attention
+    # passing no gradient), from the fraction mask_agreement_from of training on: late in training, where the
+    # attention has bound and the decoder cuts objects between slots. 0 = off.
+    mask_agreement: float = _field(0.0, lo=0.0)
+    mask_agreement_from: float = _field(0.0, lo=0.0, hi=1.0)
     # Decoder position embedding: 0 = the paper's linear map of (x, y, 1-x, 1-y); L > 0 = Fourier features of
     # (x, y) with L octaves (in each slot's frame under invariant slot attention), for sharp edges sooner
     decoder_octaves: int = _field(0, lo=0, hi=16)
@@ -835,6 +840,9 @@ def _check_relations(config: Config) -> None:
                         f"model.decoder_kind=cnn, slots with identities (model.slot_init=bo_qsa or learned) and a "
                         f"grid no larger than the model's side {model_resolution(config)} (task={config.task}, "
                         f"model.decoder_kind={model.decoder_kind}, model.slot_init={model.slot_init})")
+    if model.mask_agreement and (config.task != "autoencoder" or model.decoder_pixels < 1):
+        raise UserError(f"model.mask_agreement={model.mask_agreement} needs task=autoencoder with the whole image "
+                        f"decoded (task={config.task}, model.decoder_pixels={model.decoder_pixels})")
     if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:

@@ -20,7 +20,7 @@ from slotlab.models.encoders import ImageEncoder
 from slotlab.models.invariant_slot_attention import frame_of, grid_positions
 from slotlab.models.mlp_decoder import PixelMLPDecoder
 from slotlab.models.quantiser import QuantiserOutput, attention_centroids, build_quantiser
-from slotlab.models.slot_attention import GroupingOutput, build_grouping
+from slotlab.models.slot_attention import GroupingOutput, attention_masks, build_grouping
 
 
 @dataclass
@@ -64,6 +64,17 @@ def upsample_decoded(decoded: DecoderOutput, side: int) -> DecoderOutput:
     return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
 
 
+def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
+    """Per-pixel cross-entropy of the decoder's masks against the attention masks (``model.mask_agreement``).
+
+    The attention masks are the target and pass no gradient: the decoder learns to give each pixel to the slot that
+    attended to it, instead of cutting an object between the slot that holds it and a spare one.
+    """
+    target = attention_masks(out.attn.detach().float(), out.feature_size, tuple(out.masks.shape[-2:]))  # [B, K, H, W]
+    log_masks = out.masks.float().clamp_min(1e-6).log()  # [B, K, H, W]
+    return -(target * log_masks).sum(dim=1).mean()
+
+
 class SlotAutoencoder(nn.Module):
     """Object discovery by reconstruction (Locatello et al. 2020, section 3).
 
@@ -74,6 +85,7 @@ class SlotAutoencoder(nn.Module):
         super().__init__()
         cfg = config.model
         self.config = config
+        self.progress = 0.0  # fraction of training done (set_progress)
         self.encoder = ImageEncoder(cfg.encoder, cfg.encoder_channels, cfg.input_dim)
         self.grouping = build_grouping(cfg)
         # Slots with frames (invariant slot attention): positions come from the frames, not from the encoder, and
@@ -207,6 +219,11 @@ class SlotAutoencoder(nn.Module):
             codes=quantised.codes, code_logits=quantised.logits, kl=quantised.kl, positions=quantised.positions,
         )
 
+    def set_progress(self, progress: float) -> None:
+        """Trainer hook, called before each training step: the fraction of training done (of ``train.time_budget``
+        when there is one, else of ``train.steps``); ``model.mask_agreement_from`` starts the mask agreement there."""
+        self.progress = progress
+
     def set_step(self, step: int) -> None:
         """Trainer hook, called before each training step (outside ``torch.compile``): advances what depends on the
         step, the decoder's coarse-to-fine fade of its Fourier octaves (``model.decoder_octave_fade``)."""
@@ -217,7 +234,9 @@ class SlotAutoencoder(nn.Module):
 
         VQ-SA runs add ``vq.beta * KL(q(z|x) || uniform)`` (the slides' ELBO) and log ``kl`` and ``tau``. With
         ``model.decoder_pixels < 1`` a training step decodes and scores only that fraction of the pixels, drawn at
-        random (the same pixels for the whole batch): an unbiased estimate of the full MSE.
+        random (the same pixels for the whole batch): an unbiased estimate of the full MSE. In training, from the
+        fraction ``model.mask_agreement_from`` of it on, ``model.mask_agreement`` times :func:`mask_agreement` is
+        added (and logged as ``mask_agreement``).
         """
         fraction = self.config.model.decoder_pixels
         if self.training and fraction < 1:
@@ -225,6 +244,11 @@ class SlotAutoencoder(nn.Module):
         out = self(batch["image"], step=step)
         mse = F.mse_loss(out.recon.float(), batch["image"].float())
         loss, logs = mse, {"mse": mse.detach()}
+        weight, start = self.config.model.mask_agreement, self.config.model.mask_agreement_from
+        if self.training and weight and self.progress >= start:
+            agreement = mask_agreement(out)
+            loss = loss + weight * agreement
+            logs["mask_agreement"] = agreement.detach()
         if out.kl is not None:
             loss = loss + self.config.vq.beta * out.kl
             logs.update(kl=out.kl.detach(), tau=torch.tensor(self.quantiser.temperature(step)))

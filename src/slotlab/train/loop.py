@@ -338,6 +338,9 @@ class Trainer:
         self.model.train()
         if hasattr(self.model, "set_step"):  # step-dependent schedules inside the model (the decoder's octave fade)
             self.model.set_step(self.step)
+        if hasattr(self.model, "set_progress"):  # fraction-of-training switches inside the model (mask agreement)
+            budget = self.budget_progress()
+            self.model.set_progress(budget if budget is not None else self.step / cfg.steps)
         with autocast_context(self.device, cfg.precision), batch_shard(self.dist.rank, self.dist.world_size):
             loss, logs = self.loss_fn(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
