@@ -332,14 +332,14 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.seed, self.step))
         raw = self.prefetcher.get(self.step) if self.prefetcher else self.fetch_batch(self.step)
         batch = to_model_batch(raw, self.device, non_blocking=True)  # normalised on the device
-        lr = lr_at(self.step, cfg, self.budget_progress())
+        budget = self.budget_progress()
+        lr = lr_at(self.step, cfg, budget)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.model.train()
         if hasattr(self.model, "set_step"):  # step-dependent schedules inside the model (the decoder's octave fade)
             self.model.set_step(self.step)
         if hasattr(self.model, "set_progress"):  # fraction-of-training switches inside the model (mask agreement)
-            budget = self.budget_progress()
             self.model.set_progress(budget if budget is not None else self.step / cfg.steps)
         with autocast_context(self.device, cfg.precision), batch_shard(self.dist.rank, self.dist.world_size):
             loss, logs = self.loss_fn(batch, self.step)
