@@ -46,7 +46,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from slotlab.config import get_preset  # noqa: E402
+from slotlab.config import apply_overrides, config_from_dict, config_to_dict, get_preset  # noqa: E402
+from slotlab.errors import UserError  # noqa: E402
 from slotlab.runs import choose_checkpoint, eval_dir, read_metrics  # noqa: E402
 
 PRESETS = ("tetrominoes-cpu", "multi-dsprites-cpu", "clevr6-cpu", "sprites-cpu")
@@ -86,11 +87,34 @@ def slotlab(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+# Where a run's data may differ from the preset's without making it another experiment.
+DATA_LOCATION_KEYS = ("root", "cache", "skip_bad")
+
+
+def stale_keys(run_dir: Path, preset: str, sets: list[str]) -> list[str]:
+    """The model and data keys where the run in ``run_dir`` differs from what ``preset`` with ``sets`` gives now
+    (a run made before the preset changed would otherwise be resumed, or reused, as if it were the preset's). Keys
+    the run's config predates count at their defaults, as slotlab reads them."""
+    wanted = config_to_dict(apply_overrides(get_preset(preset), sets))
+    try:
+        found = config_to_dict(config_from_dict(json.loads((run_dir / "config.json").read_text())))
+    except UserError as exc:  # a config that this slotlab refuses is not the preset's either
+        return [str(exc)]
+    return [f"{section}.{key}={found[section][key]!r} (now {value!r})"
+            for section in ("model", "data") for key, value in wanted[section].items()
+            if found[section][key] != value and not (section == "data" and key in DATA_LOCATION_KEYS)]
+
+
 def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters: int = 0) -> dict:
     """Train (or resume, or reuse) and evaluate one run; returns its row."""
     run_dir = runs / f"{preset}-s{seed}"
     sets = [f"train.seed={seed}", *overrides]
     if (run_dir / "checkpoints" / "last.pt").exists():
+        stale = stale_keys(run_dir, preset, sets)
+        if stale:
+            print(f"error: {run_dir} was made with another {preset}: {', '.join(stale)}; move it away to train the "
+                  "preset as it is now", file=sys.stderr)
+            raise SystemExit(2)
         slotlab("train", "--resume", str(run_dir))  # finishes an interrupted run; a finished one stops at once
     else:
         args = ["train", "--preset", preset, "--out", str(run_dir)]

@@ -26,6 +26,10 @@ def trained_run(tmp_path):
     (["eval", "does/not/exist"], ["missing run directory does/not/exist"]),
     (["train", "--resume", "does/not/exist"], ["missing run directory"]),
     (["train"], ["--preset"]),
+    (["train", "--from", "does/not/exist", "--out", "X"], ["missing run directory"]),
+    (["train", "--from", "does/not/exist"], ["--from", "--out"]),
+    (["train", "--from", "A", "--preset", "smoke", "--out", "X"], ["--from", "--preset"]),
+    (["train", "--preset", "smoke", "--checkpoint", "best", "--out", "X"], ["--checkpoint", "--from"]),
     (["frobnicate"], ["invalid choice"]),
 ])
 def test_user_mistakes(capsys, tmp_path, monkeypatch, args, fragments):

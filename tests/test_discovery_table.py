@@ -85,3 +85,21 @@ def test_a_mean_over_runs_scored_at_different_t_is_left_out_but_that_at_one_t_is
     assert runs[0].startswith("| `clevr6-cpu` | 0 ") and runs[1].startswith("| `clevr6-cpu` (T=7 at test) | 1 ")
     # FG-ARI, attn, then the T=7 pair: only the T=7 pair is one measurement in both rows
     assert runs[2].startswith("| `clevr6-cpu` | mean | | | |  |  | 0.850 | 0.890 |  |")
+
+
+def test_a_run_made_with_an_older_preset_is_named_stale_and_the_presets_own_is_not(tmp_path):
+    from slotlab.config import apply_overrides, config_to_dict, get_preset
+
+    sets = ["train.seed=1"]
+    config = config_to_dict(apply_overrides(get_preset("clevr6-cpu"), sets))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert discovery.stale_keys(tmp_path, "clevr6-cpu", sets) == []
+    config["model"]["mask_agreement"] = 0.0  # the preset's value before it changed
+    del config["model"]["mask_agreement_from"]  # a key the run's slotlab did not have counts at its default
+    config["data"]["root"] = "/elsewhere"  # where the data is does not make another experiment
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert discovery.stale_keys(tmp_path, "clevr6-cpu", sets) == ["model.mask_agreement=0.0 (now 0.02)",
+                                                                  "model.mask_agreement_from=0.0 (now 0.25)"]
+    config["model"]["decoder_grid"] = 64  # a config slotlab no longer accepts is stale too
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert "decoder_grid" in discovery.stale_keys(tmp_path, "clevr6-cpu", sets)[0]

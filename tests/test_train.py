@@ -16,7 +16,7 @@ import torch
 from slotlab.config import PROCEDURAL_DATASETS, apply_overrides, get_preset, list_presets
 from slotlab.errors import UserError
 from slotlab.io import load_checkpoint
-from slotlab.train.loop import Trainer, TrainingError, resume, train
+from slotlab.train.loop import Trainer, TrainingError, branch, resume, train
 from slotlab.train.schedule import lr_at
 
 SMOKE = ["train.log_every=1", "train.ckpt_every=1", "train.val_every=2"]
@@ -53,6 +53,14 @@ def test_the_trainer_starts_the_mask_agreement_at_its_fraction_of_the_steps(tmp_
     assert with_agreement == [3, 4]  # the steps that start at 2 and 3 of 4 (progress 0.5 and 0.75)
 
 
+def test_the_mask_agreement_follows_the_steps_when_they_run_out_before_the_time_budget(tmp_path):
+    config = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4", "train.time_budget=600",
+                                                         "model.mask_agreement=0.1", "model.mask_agreement_from=0.5"])
+    train(config, tmp_path / "run")  # 4 steps use a tiny part of 600 minutes: the steps bind, as for the cosine
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train" and "mask_agreement" in r] == [3, 4]
+
+
 def test_a_pixel_sampling_mlp_decoder_run_trains_and_resumes_exactly(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4", "model.decoder_kind=mlp",
                                                        "model.decoder_pixels=0.3"])
@@ -83,6 +91,59 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     split = load_checkpoint(tmp_path / "split/checkpoints/last.pt")["model"]
     for name in full:
         torch.testing.assert_close(split[name], full[name], rtol=0, atol=0)
+
+
+def test_a_branch_with_only_more_steps_equals_the_uninterrupted_run_and_leaves_its_source_alone(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=6"])
+    train(base, tmp_path / "full")
+    train(apply_overrides(base, ["train.steps=3"]), tmp_path / "source")
+    source_metrics = (tmp_path / "source/metrics.jsonl").read_bytes()
+    branch(tmp_path / "source", tmp_path / "branch", ["train.steps=6"])
+    assert losses(tmp_path / "branch") == losses(tmp_path / "full")  # the source's history, then the same steps
+    full = load_checkpoint(tmp_path / "full/checkpoints/last.pt")["model"]
+    branched = load_checkpoint(tmp_path / "branch/checkpoints/last.pt")["model"]
+    for name in full:
+        torch.testing.assert_close(branched[name], full[name], rtol=0, atol=0)
+    assert (tmp_path / "source/metrics.jsonl").read_bytes() == source_metrics
+    assert load_checkpoint(tmp_path / "source/checkpoints/last.pt")["step"] == 3
+    origin = json.loads((tmp_path / "branch/branched_from.json").read_text())
+    assert (origin["step"], origin["checkpoint"], origin["overrides"]) == (3, "last", ["train.steps=6"])
+
+
+def test_a_branch_changes_a_model_key_that_resume_refuses(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=2"])
+    train(base, tmp_path / "source")
+    with pytest.raises(UserError, match="--from"):  # --resume points at the branch
+        resume(tmp_path / "source", ["model.mask_agreement=0.1"])
+    branch(tmp_path / "source", tmp_path / "branch", ["train.steps=4", "model.mask_agreement=0.1"])
+    records = [json.loads(line) for line in (tmp_path / "branch/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train" and "mask_agreement" in r] == [3, 4]
+    assert json.loads((tmp_path / "branch/config.json").read_text())["model"]["mask_agreement"] == 0.1
+
+
+def test_a_branch_the_weights_cannot_follow_is_refused_and_leaves_nothing(tmp_path):
+    train(apply_overrides(get_preset("smoke"), SMOKE), tmp_path / "source")
+    with pytest.raises(UserError, match="does not fit"):
+        branch(tmp_path / "source", tmp_path / "branch", ["train.steps=4", "model.slot_dim=24"])
+    assert not (tmp_path / "branch").exists()
+    with pytest.raises(UserError, match="same folder"):
+        branch(tmp_path / "source", tmp_path / "source", ["train.steps=4"])
+
+
+def test_a_branch_takes_its_own_optimiser_settings_resumes_and_refuses_nothing_to_train(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=2", "train.decoder_lr_scale=3",
+                                                       "train.schedule=constant", "train.lr=1e-3"])
+    train(base, tmp_path / "source")
+    with pytest.raises(UserError, match="nothing left to train"):
+        branch(tmp_path / "source", tmp_path / "none", ["train.steps=2"])
+    with pytest.raises(UserError, match="decoder_lr_scale"):
+        branch(tmp_path / "source", tmp_path / "off", ["train.steps=3", "train.decoder_lr_scale=1"])
+    branch(tmp_path / "source", tmp_path / "branch", ["train.steps=3", "train.decoder_lr_scale=2"], "best")
+    groups = load_checkpoint(tmp_path / "branch/checkpoints/last.pt")["optimizer"]["param_groups"]
+    assert sorted(group["lr"] for group in groups) == pytest.approx([1e-3, 2e-3])  # the branch's scale, not 3
+    resume(tmp_path / "branch", ["train.steps=4"])
+    assert [step for step, _ in losses(tmp_path / "branch")] == [1, 2, 3, 4]
+    assert not (tmp_path / "none").exists() and not (tmp_path / "off").exists()
 
 
 def test_test_iters_change_validation_and_leave_training_alone(tmp_path):

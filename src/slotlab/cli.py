@@ -65,20 +65,34 @@ def _resolve_config(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------------------------------------ handlers
 def cmd_train(args: argparse.Namespace) -> None:
-    from slotlab.train.loop import resume, train
+    from slotlab.train.loop import branch, prepare_branch, resume, train
 
+    if args.source and (args.resume or args.preset):
+        raise UserError("--from RUN_DIR takes no --preset or --resume (the new run starts from that run's config)")
+    if args.checkpoint != "last" and not args.source:
+        raise UserError("--checkpoint only goes with --from RUN_DIR")
+    if args.source and not args.out:
+        raise UserError("--from RUN_DIR needs --out NEW_RUN_DIR (the branch is a new run)")
     if args.devices != 1:  # torchrun starts this command (without --devices) in each of the processes
         from slotlab.train.distributed import launch_train
 
-        launch_train(args.devices, args.preset, args.out, args.resume, _overrides(args))
+        batch_size = 0
+        if args.source:  # checked once here, not in each of the G processes
+            config, _, _ = prepare_branch(Path(args.source), Path(args.out), _overrides(args), args.checkpoint)
+            batch_size = config.train.batch_size
+        launch_train(args.devices, args.preset, args.out, args.resume, _overrides(args), args.source, args.checkpoint,
+                     batch_size)
         return
     if args.resume:
         if args.preset or args.out:
             raise UserError("--resume RUN_DIR takes no --preset or --out (the run directory has its config)")
         resume(Path(args.resume), _overrides(args))
         return
+    if args.source:
+        branch(Path(args.source), Path(args.out), _overrides(args), args.checkpoint)
+        return
     if not args.preset or not args.out:
-        raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR)")
+        raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR, or --from RUN_DIR --out NEW)")
     train(_resolve_config(args), Path(args.out))
 
 
@@ -202,11 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("train", cmd_train, "train a model: --preset P --out RUN_DIR, or --resume RUN_DIR")
+    p = add("train", cmd_train, "train a model: --preset P --out RUN_DIR, or --resume RUN_DIR, or --from RUN_DIR "
+                                "--out NEW_RUN_DIR")
     p.add_argument("--preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--out", help="new run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--from", dest="source", metavar="RUN_DIR",
+                   help="branch: a new run (--out) that goes on from RUN_DIR's checkpoint with any --set changed")
+    p.add_argument("--checkpoint", default="last", choices=["last", "best"], help="the checkpoint --from starts at")
     p.add_argument("--devices", type=int, default=1, metavar="G",
                    help="train data-parallel in G processes (one per GPU; gloo on CPU) launched with torchrun; "
                         "1 = in this process, no torchrun")

@@ -632,7 +632,8 @@ def resume_overrides(overrides: list[str]) -> list[str]:
         key = item.split("=", 1)[0].strip()
         if key not in RESUME_SAFE_KEYS:
             raise UserError(f"--resume cannot change {key!r}: a run keeps the settings it was started with; only "
-                            f"{', '.join(RESUME_SAFE_KEYS)} may change (start a new run with --out for the rest)")
+                            f"{', '.join(RESUME_SAFE_KEYS)} may change (to go on with other settings, branch it into "
+                            f"a new run: slotlab train --from RUN_DIR --out NEW_DIR --set {key}=...)")
     return overrides
 
 

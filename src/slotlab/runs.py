@@ -34,7 +34,9 @@ from slotlab.io import load_checkpoint
 LOCK_NAME = ".lock"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 # What a start of `slotlab train` writes before its first checkpoint: safe to clear when the folder is reused.
-START_LEFTOVERS = ("config.json", "metrics.jsonl", "tb", "curves.png", "skipped_files.txt", "checkpoints", LOCK_NAME)
+BRANCH_RECORD = "branched_from.json"  # where a branched run (slotlab train --from) started
+START_LEFTOVERS = ("config.json", "metrics.jsonl", "tb", "curves.png", "skipped_files.txt", "checkpoints",
+                   BRANCH_RECORD, LOCK_NAME)
 
 
 def has_checkpoint(run_dir: Path) -> bool:

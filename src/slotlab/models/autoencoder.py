@@ -220,8 +220,9 @@ class SlotAutoencoder(nn.Module):
         )
 
     def set_progress(self, progress: float) -> None:
-        """Trainer hook, called before each training step: the fraction of training done (of ``train.time_budget``
-        when there is one, else of ``train.steps``); ``model.mask_agreement_from`` starts the mask agreement there."""
+        """Trainer hook, called before each training step: the fraction of training done (of ``train.steps``, or
+        of ``train.time_budget`` when that runs out first); ``model.mask_agreement_from`` starts the mask agreement
+        there."""
         self.progress = progress
 
     def set_step(self, step: int) -> None:

@@ -164,7 +164,8 @@ def torchrun_command(devices: int, train_args: list[str]) -> list[str]:
 
 
 def launch_train(devices: int, preset: str | None, out: str | None, resume: str | None,
-                 overrides: list[str]) -> None:
+                 overrides: list[str], source: str | None = None, checkpoint: str = "last",
+                 branch_batch_size: int = 0) -> None:
     """``slotlab train --devices G``: run ``slotlab train`` in G processes under torchrun and wait for them.
 
     The arguments are checked here first, so that a mistake gives one ``error:`` line rather than G of them. With
@@ -184,9 +185,13 @@ def launch_train(devices: int, preset: str | None, out: str | None, resume: str 
             raise UserError("--resume RUN_DIR takes no --preset or --out (the run directory has its config)")
         resume_overrides(overrides)
         args = ["--resume", resume]
+    elif source:  # a branch (--from): the caller checked it (``branch_batch_size``: its config's train.batch_size)
+        check_batch_size(branch_batch_size, DistInfo(0, devices))
+        check_new_run_dir(Path(out))
+        args = ["--from", source, "--checkpoint", checkpoint, "--out", out]
     else:
         if not preset or not out:
-            raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR)")
+            raise UserError("train needs --preset P and --out RUN_DIR (or --resume RUN_DIR, or --from RUN --out NEW)")
         check_batch_size(apply_overrides(get_preset(preset), overrides).train.batch_size, DistInfo(0, devices))
         check_new_run_dir(Path(out))
         args = ["--preset", preset, "--out", out]

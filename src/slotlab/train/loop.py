@@ -21,6 +21,7 @@ logging, validation and checkpoint steps. Several processes (``torchrun``) train
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -49,14 +50,17 @@ from slotlab.io import (
 )
 from slotlab.models.noise import batch_shard
 from slotlab.runs import (
+    BRANCH_RECORD,
     RunLock,
     check_new_run_dir,
     checkpoint_path,
     clear_start_leftovers,
     has_checkpoint,
+    is_exported,
     keep_freed_memory,
     load_run,
     pick_device,
+    read_metrics,
 )
 from slotlab.tasks import get_task
 from slotlab.train import distributed
@@ -220,7 +224,8 @@ class BatchPrefetcher:
 class Trainer:
     """Holds the state of one run; :meth:`fit` trains until ``config.train.steps``."""
 
-    def __init__(self, config: Config, run_dir: Path, state: dict[str, Any] | None = None):
+    def __init__(self, config: Config, run_dir: Path, state: dict[str, Any] | None = None,
+                 state_path: Path | None = None):
         self.task = get_task(config)
         if state is None:  # a new run: the task may complete its config (a diffusion run copies its VAE's)
             config = fit_warmup(self.task.prepare_config())
@@ -255,18 +260,32 @@ class Trainer:
         self.best_val = math.inf
         self.train_seconds = 0.0  # time spent in training steps so far (over every session of the run)
         self.saved_steps: dict[str, int] = {}  # checkpoint name -> step it holds
-        if state is not None:
-            last = self.run_dir / "checkpoints" / "last.pt"
-            load_weights(self.model, state["model"], last)
+        if state is not None:  # resumed from this run's last.pt, or branched from another run's ``state_path``
+            last = state_path or self.run_dir / "checkpoints" / "last.pt"
+            try:
+                load_weights(self.model, state["model"], last)
+            except UserError as exc:
+                if state_path is None:
+                    raise
+                raise UserError(f"--from {state_path}: its weights do not fit the branch's model (a --set key changed "
+                                f"the architecture): {exc}") from None
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+                if state_path is not None and len(state["optimizer"]["param_groups"]) != len(settings):
+                    raise UserError(f"--from {state_path}: a branch cannot turn train.decoder_lr_scale on or off (the "
+                                    "optimiser's parameter groups differ); another scale than the source's is fine"
+                                    ) from None
                 raise UserError(f"checkpoint {last}: optimizer state does not fit the model ({first_line(exc)})"
                                 ) from None
+            for group, fresh in zip(self.optimizer.param_groups, settings):
+                group.update(fresh)  # the moments are the checkpoint's, the settings this config's (a branch's)
             self.step = int(state["step"])
             self.best_val = float(state.get("best_val", math.inf))
             self.train_seconds = float(state.get("train_seconds", 0.0))
-            self.saved_steps["last"] = self.step
+            if state_path is None:
+                self.saved_steps["last"] = self.step
         # The task checks the data and, for a new run, may start from trained weights (VQ-SA, the diffusion VAE).
         self.task.start_training(self.model, self.train_set, fresh=state is None)
         # The training loss: model.compute_loss, wrapped in DDP for torchrun and compiled with train.compile.
@@ -340,7 +359,7 @@ class Trainer:
         if hasattr(self.model, "set_step"):  # step-dependent schedules inside the model (the decoder's octave fade)
             self.model.set_step(self.step)
         if hasattr(self.model, "set_progress"):  # fraction-of-training switches inside the model (mask agreement)
-            self.model.set_progress(budget if budget is not None else self.step / cfg.steps)
+            self.model.set_progress(self.training_progress(budget))
         with autocast_context(self.device, cfg.precision), batch_shard(self.dist.rank, self.dist.world_size):
             loss, logs = self.loss_fn(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -384,6 +403,12 @@ class Trainer:
         """Fraction of ``train.time_budget`` used so far (None without a budget)."""
         budget = self.config.train.time_budget
         return self.train_seconds / (budget * 60.0) if budget > 0 else None
+
+    def training_progress(self, budget: float | None) -> float:
+        """Fraction of training done: of ``train.steps``, or of ``train.time_budget`` (``budget``, from
+        :meth:`budget_progress`) when that runs out first, as the cosine learning rate reads it."""
+        by_steps = self.step / max(1, self.config.train.steps)
+        return by_steps if budget is None else max(by_steps, budget)
 
     def out_of_time(self) -> bool:
         progress = self.budget_progress()
@@ -551,7 +576,57 @@ def train(config: Config, run_dir: Path) -> Trainer:
     ``run_dir`` must not hold a run (a checkpoint) or files of anything else; the leftovers of a start that failed
     before its first checkpoint are cleared. The directory is locked for the whole run (:class:`~slotlab.runs.RunLock`).
     """
-    run_dir = Path(run_dir)
+    return _start(config, Path(run_dir))
+
+
+def branch(source: Path, run_dir: Path, overrides: list[str] | None = None, checkpoint: str = "last") -> Trainer:
+    """Start a new run in ``run_dir`` from the ``checkpoint`` of the run in ``source``, with ``overrides`` of any key,
+    and train it: ``slotlab train --from SOURCE --out RUN_DIR --set KEY=VALUE``.
+
+    The new run goes on where that checkpoint left the source (weights, optimiser, step and training time, so the
+    learning-rate schedule and the time budget continue) under the changed config, for a late switch (the mask
+    agreement from a given step) or a fine-tune on other data. Its ``metrics.jsonl`` starts with the source's records
+    up to that step, so its curves show the whole history; ``branched_from.json`` names the source, checkpoint, step
+    and overrides; its ``best`` checkpoint is the best since the branch. The source is only read. A changed key that
+    the weights cannot follow (another architecture) is refused by the weights' loading, before anything is trained.
+    """
+    source, run_dir = Path(source), Path(run_dir)
+    config, state, path = prepare_branch(source, run_dir, overrides or [], checkpoint)
+    state = {**state, "best_val": math.inf}  # the new run's best is over its own validations
+    origin = {"run": str(source.resolve()), "checkpoint": checkpoint, "step": int(state["step"]),
+              "overrides": list(overrides or [])}
+    history = [record for record in read_metrics(source) if record.get("step", 0) <= origin["step"]]
+    return _start(config, run_dir, state, path, origin, history)
+
+
+def prepare_branch(source: Path, run_dir: Path, overrides: list[str], checkpoint: str = "last"
+                   ) -> tuple[Config, dict[str, Any], Path]:
+    """The checks of :func:`branch` before anything is written: the branch's config, the source's checkpoint state
+    and its path. Refuses a source that is the new run's folder or an exported model, and a branch with nothing left
+    to train (the source's step at ``train.steps``, or its time budget used up)."""
+    source, run_dir = Path(source), Path(run_dir)
+    if source.resolve() == run_dir.resolve():
+        raise UserError(f"--from {source} and --out {run_dir} are the same folder: use --resume to continue a run")
+    if is_exported(source):
+        raise UserError(f"--from {source} is an exported model (weights only, no optimiser or step): branch from the "
+                        "run directory it was exported from")
+    path = checkpoint_path(source, checkpoint)
+    config, state = load_run(source, checkpoint)
+    config = apply_overrides(config, overrides)
+    step, cfg = int(state["step"]), config.train
+    if step >= cfg.steps:
+        raise UserError(f"--from {path} is at step {step} and train.steps={cfg.steps}: nothing left to train "
+                        "(raise it: --set train.steps=N)")
+    minutes = float(state.get("train_seconds", 0.0)) / 60.0
+    if cfg.time_budget and minutes >= cfg.time_budget:
+        raise UserError(f"--from {path} has trained {minutes:.1f} minutes of train.time_budget={cfg.time_budget:g}: "
+                        "nothing left to train (raise it: --set train.time_budget=MINUTES)")
+    return config, state, path
+
+
+def _start(config: Config, run_dir: Path, state: dict[str, Any] | None = None, state_path: Path | None = None,
+           origin: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None) -> Trainer:
+    """A new run in ``run_dir``: from scratch, or (``state``) from another run's checkpoint at ``state_path``."""
     check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything
     created = not run_dir.exists()
     try:
@@ -563,9 +638,12 @@ def train(config: Config, run_dir: Path) -> Trainer:
                     check_new_run_dir(run_dir)  # again, now that no other process can be writing it
                     clear_start_leftovers(run_dir)
                 # Under torchrun the ranks meet in DDP's set-up inside Trainer(), after every rank checked run_dir.
-                trainer = Trainer(config, run_dir)
+                trainer = Trainer(config, run_dir, state, state_path)
                 if trainer.dist.is_main:
                     save_config(trainer.config, run_dir / "config.json")
+                    if origin is not None:  # a branch: where it came from, and the source's history up to there
+                        atomic_write_text(run_dir / BRANCH_RECORD, json.dumps(origin, indent=1) + "\n")
+                        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
                 trainer.fit()
             except BaseException:
                 if created and distributed.env_rank() == 0 and not has_checkpoint(run_dir):
