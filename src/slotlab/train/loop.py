@@ -60,7 +60,6 @@ from slotlab.runs import (
     keep_freed_memory,
     load_run,
     pick_device,
-    read_metrics,
 )
 from slotlab.tasks import get_task
 from slotlab.train import distributed
@@ -590,13 +589,12 @@ def branch(source: Path, run_dir: Path, overrides: list[str] | None = None, chec
     and overrides; its ``best`` checkpoint is the best since the branch. The source is only read. A changed key that
     the weights cannot follow (another architecture) is refused by the weights' loading, before anything is trained.
     """
-    source, run_dir = Path(source), Path(run_dir)
-    config, state, path = prepare_branch(source, run_dir, overrides or [], checkpoint)
+    source, overrides = Path(source), list(overrides or [])
+    config, state, path = prepare_branch(source, Path(run_dir), overrides, checkpoint)
     state = {**state, "best_val": math.inf}  # the new run's best is over its own validations
     origin = {"run": str(source.resolve()), "checkpoint": checkpoint, "step": int(state["step"]),
-              "overrides": list(overrides or [])}
-    history = [record for record in read_metrics(source) if record.get("step", 0) <= origin["step"]]
-    return _start(config, run_dir, state, path, origin, history)
+              "overrides": overrides}
+    return _start(config, Path(run_dir), state, path, origin)
 
 
 def prepare_branch(source: Path, run_dir: Path, overrides: list[str], checkpoint: str = "last"
@@ -625,8 +623,9 @@ def prepare_branch(source: Path, run_dir: Path, overrides: list[str], checkpoint
 
 
 def _start(config: Config, run_dir: Path, state: dict[str, Any] | None = None, state_path: Path | None = None,
-           origin: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None) -> Trainer:
-    """A new run in ``run_dir``: from scratch, or (``state``) from another run's checkpoint at ``state_path``."""
+           origin: dict[str, Any] | None = None) -> Trainer:
+    """A new run in ``run_dir``: from scratch, or (``state``) branched from another run (``origin``: where from) at
+    its checkpoint ``state_path``."""
     check_new_run_dir(run_dir)  # every rank, before rank 0 writes anything
     created = not run_dir.exists()
     try:
@@ -641,9 +640,12 @@ def _start(config: Config, run_dir: Path, state: dict[str, Any] | None = None, s
                 trainer = Trainer(config, run_dir, state, state_path)
                 if trainer.dist.is_main:
                     save_config(trainer.config, run_dir / "config.json")
-                    if origin is not None:  # a branch: where it came from, and the source's history up to there
+                    if origin is not None:  # a branch: where it came from, and the source's history (fit() drops
+                        # the records past the branch's step, as for a resumed run)
                         atomic_write_text(run_dir / BRANCH_RECORD, json.dumps(origin, indent=1) + "\n")
-                        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+                        source_metrics = Path(origin["run"]) / "metrics.jsonl"
+                        if source_metrics.exists():
+                            shutil.copyfile(source_metrics, run_dir / "metrics.jsonl")
                 trainer.fit()
             except BaseException:
                 if created and distributed.env_rank() == 0 and not has_checkpoint(run_dir):
