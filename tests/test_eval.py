@@ -176,10 +176,31 @@ def test_a_run_with_test_iters_is_evaluated_with_them(evaluated_run, tmp_path):
     assert three["iters"] == 3 and three["fg_ari"] != plain["fg_ari"]
 
 
+def test_eval_of_several_slot_draws_reports_their_mean_and_spread(evaluated_run):
+    run_dir, plain = evaluated_run  # noise seed 0, one draw
+    other = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", seed=1)
+    assert other["fg_ari"] != plain["fg_ari"]  # another draw of the initial slots, another score
+    assert json.loads((run_dir / "eval" / "val-last-first10-seed1" / "metrics.json").read_text()) == other
+    both = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", draws=2)
+    assert both["draws"] == 2 and both["seeds"] == [0, 1]
+    for name in ("fg_ari", "ari", "mbo", "mse", "attn_fg_ari"):
+        assert both["per_draw"][name] == [plain[name], other[name]]
+        assert both[name] == pytest.approx((plain[name] + other[name]) / 2)
+        assert both["std"][name] == pytest.approx(abs(plain[name] - other[name]) / 2)
+    assert both["num_images"] == 10 and both["split"] == "val"
+    folder = run_dir / "eval" / "val-last-first10-draws2"
+    assert json.loads((folder / "metrics.json").read_text()) == both
+    first_draw = read_csv(run_dir / "eval" / "val-last-first10" / "per_image.csv")
+    assert read_csv(folder / "per_image.csv") == first_draw  # pictures and per-image scores: the first draw
+    assert json.loads((run_dir / "eval" / "val-last-first10" / "metrics.json").read_text()) == plain  # kept
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--limit", "-1"], "--limit"),
     (["--batch-size", "-4"], "--batch-size"),
     (["--iters", "x"], "--iters"),
+    (["--draws", "0"], "--draws"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_eval_bad_arguments(evaluated_run, capsys, args, fragment):
     run_dir, _ = evaluated_run

@@ -32,6 +32,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more, got 0")
+    return value
+
+
 def _slot_list(text: str) -> list[int]:
     """An argparse type: ``"1,3"`` -> ``[1, 3]``."""
     try:
@@ -100,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from slotlab.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.split, args.checkpoint, args.limit, args.batch_size,
-                           args.device, iters=args.iters)
+                           args.device, seed=args.seed, iters=args.iters, draws=args.draws)
     print(json.dumps(metrics, indent=2))
 
 
@@ -241,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=_count, default=0, metavar="T",
                    help="grouping iterations at test time (0 = the run's model.test_iters, else as trained); "
                         "results go to eval/<split>-<ckpt>-T<T>")
+    p.add_argument("--seed", type=_count, default=0, metavar="S",
+                   help="seed of the initial slots' noise (of the first draw); other than 0: eval/...-seed<S>")
+    p.add_argument("--draws", type=_positive, default=1, metavar="N",
+                   help="score N draws of the initial slots (seeds S, S+1, ...) and report each score's mean, "
+                        "standard deviation and per-draw values; results go to eval/...-draws<N>")
 
     p = add("export", cmd_export, "write a shareable model folder: config.json, model.safetensors, README.md")
     p.add_argument("run_dir")

@@ -5,6 +5,10 @@ with the task's scores (ARI, FG-ARI, mIoU, mBO, MSE for slot models, see ``docs/
 for set prediction; the disentanglement view for VQ-SA), and the task's pictures and tables beside it (see
 :mod:`slotlab.tasks.autoencoder`). Evaluating another split or checkpoint never overwrites these.
 
+Slot Attention samples its initial slots anew for every image, so one score is one draw of that noise (on CLEVR6 the
+FG-ARI of five draws spreads over about 0.01). ``--draws N`` scores N draws (noise seeds S, S+1, ...) and reports
+each score's mean, with the standard deviation and every draw's value beside it.
+
 May import the layers below it: ``train`` and everything under it.
 """
 
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slotlab.data import build_dataset
@@ -26,7 +31,8 @@ from slotlab.tasks import get_task, load_trained_model
 
 @torch.no_grad()
 def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0,
-                 batch_size: int = 0, device: str = "auto", seed: int = 0, iters: int = 0) -> dict[str, Any]:
+                 batch_size: int = 0, device: str = "auto", seed: int = 0, iters: int = 0,
+                 draws: int = 1) -> dict[str, Any]:
     """Score ``split`` of the run's dataset and save metrics and pictures under ``RUN_DIR/eval``.
 
     Args:
@@ -36,10 +42,13 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         limit: score only the first ``limit`` images (0 = all).
         batch_size: evaluation batch size (0 = the training batch size).
         device: ``auto``, ``cpu``, ``cuda``, ...
-        seed: seed of the slot initialisation noise.
+        seed: seed of the slot initialisation noise (of the first draw).
         iters: grouping iterations T at test time (0 = the run's ``model.test_iters``, or as trained). Slot
             Attention is a fixed-point iteration, so more iterations than in training often sharpen the slots (the
             Slot Attention paper's figure 5 / 7).
+        draws: how many draws of the noise to score, with seeds ``seed``, ``seed + 1``, ...; with more than one,
+            each numeric score is the mean over the draws, ``std`` holds the standard deviations and ``per_draw``
+            every draw's scores. The pictures and ``per_image.csv`` show the first draw.
 
     Returns:
         The metrics dict written to ``eval/metrics.json``.
@@ -50,6 +59,10 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         raise UserError(f"batch size must be 0 (the training batch size) or positive, got {batch_size}")
     if iters < 0:
         raise UserError(f"iters must be 0 (the run's own test-time T) or positive, got {iters}")
+    if draws < 1:
+        raise UserError(f"draws must be 1 or more, got {draws}")
+    if seed < 0:
+        raise UserError(f"seed must be 0 or positive, got {seed}")
     run_dir = Path(run_dir)
     checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, model = load_trained_model(run_dir, checkpoint, device)
@@ -67,17 +80,39 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     if dev.type == "cpu":
         keep_freed_memory()  # after the data: only the batches' tensors come and go from here on
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
-    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters)  # e.g. eval/val-best: other evaluations stay
+    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters, seed, draws)  # e.g. eval/val-best: others stay
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": split, "num_images": count, "checkpoint": checkpoint}
     if hasattr(grouping, "num_iters"):
         metrics["iters"] = grouping.num_iters  # model.eval(): the test-time T
-    torch.manual_seed(seed)
     start = time.perf_counter()
-    evaluator = get_task(config).evaluator(model, dataset, out_dir)
-    for indices, batch in dataset.batches(count, batch_size or config.train.batch_size, dev, desc="eval"):
-        evaluator.update(batch, indices)
-    metrics.update(evaluator.summary())
+    scores = []  # one summary per draw
+    for draw in range(draws):
+        torch.manual_seed(seed + draw)
+        evaluator = get_task(config).evaluator(model, dataset, out_dir if draw == 0 else None)  # pictures: draw 0
+        desc = "eval" if draws == 1 else f"eval, draw {draw + 1}/{draws}"
+        for indices, batch in dataset.batches(count, batch_size or config.train.batch_size, dev, desc=desc):
+            evaluator.update(batch, indices)
+        scores.append(evaluator.summary())
+    metrics.update(scores[0] if draws == 1 else mean_over_draws(scores, seed))
     metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def mean_over_draws(scores: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """One summary of several draws' ``scores``: each numeric score's mean, with ``std`` (population standard
+    deviations), ``per_draw`` (every draw's value) and ``seeds`` (the noise seed of each draw); anything else (text,
+    nested tables) as the first draw has it."""
+    merged = dict(scores[0])
+    numeric = [key for key, value in scores[0].items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)
+               and all(isinstance(s.get(key), (int, float)) for s in scores)]
+    for key in numeric:
+        values = np.array([s[key] for s in scores], dtype=np.float64)
+        merged[key] = float(values.mean())
+    merged["draws"] = len(scores)
+    merged["seeds"] = [seed + draw for draw in range(len(scores))]
+    merged["std"] = {key: float(np.std([s[key] for s in scores])) for key in numeric}
+    merged["per_draw"] = {key: [s[key] for s in scores] for key in numeric}
+    return merged

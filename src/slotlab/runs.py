@@ -257,12 +257,15 @@ def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
     return config, {"model": weights, "config": config_to_dict(config), "step": 0}
 
 
-def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0, iters: int = 0) -> Path:
-    """Where ``slotlab eval`` keeps the results of one split, checkpoint, image count and number of test-time
-    iterations: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit, ``-T<iters>`` with iterations
-    other than the run's own test-time ones, ``model.test_iters`` or else ``model.iters``), e.g. ``eval/val-best``
-    or ``eval/val-best-T15``."""
-    suffix = (f"-first{limit}" if limit else "") + (f"-T{iters}" if iters else "")
+def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0, iters: int = 0,
+             seed: int = 0, draws: int = 1) -> Path:
+    """Where ``slotlab eval`` keeps the results of one split, checkpoint, image count, number of test-time
+    iterations and slot draws: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit, ``-T<iters>`` with
+    iterations other than the run's own test-time ones, ``model.test_iters`` or else ``model.iters``, ``-seed<S>``
+    with another noise seed than 0, ``-draws<N>`` with more than one draw of the initial slots), e.g.
+    ``eval/val-best``, ``eval/val-best-T15`` or ``eval/val-best-draws5``."""
+    suffix = ((f"-first{limit}" if limit else "") + (f"-T{iters}" if iters else "")
+              + (f"-seed{seed}" if seed else "") + (f"-draws{draws}" if draws > 1 else ""))
     return Path(run_dir) / "eval" / f"{split}-{checkpoint}{suffix}"
 
 
@@ -276,7 +279,7 @@ def find_eval(run_dir: Path) -> Path | None:
             return folder
     # the latest, preferring evaluations with the run's own number of iterations to those with another (-T<n>)
     found = sorted(root.glob("*/metrics.json"),
-                   key=lambda path: (re.search(r"-T\d+$", path.parent.name) is None, path.stat().st_mtime))
+                   key=lambda path: (re.search(r"-T\d+(-|$)", path.parent.name) is None, path.stat().st_mtime))
     if found:
         return found[-1].parent
     return root if (root / "metrics.json").is_file() else None
