@@ -6,6 +6,7 @@ exactly what a user types::
     slotlab train --preset P --set train.seed=S --out RUNS/P-sS      # resumed when the folder holds an unfinished run
     slotlab eval RUNS/P-sS                                            # the full val split, best checkpoint
     slotlab eval RUNS/P-sS --iters T                                  # with --test-iters T only
+    slotlab eval RUNS/P-sS --draws N                                  # with --draws N: N draws of the initial slots
 
 and writes one table (dataset, budget, steps, images/s, FG-ARI, ARI, mIoU, mBO, MSE per seed, and the mean; FG-ARI of
 Slot Attention's own masks beside that of the decoder's; with ``--test-iters T`` both FG-ARIs again with T grouping
@@ -21,12 +22,17 @@ Usage::
     .venv/bin/python benchmarks/discovery.py --budget-scale 0.1 --out /tmp/d  # a quick rehearsal (10% budgets)
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --test-iters 15
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --keep-others  # other presets' rows stay
+    .venv/bin/python benchmarks/discovery.py --presets clevr6-cpu:2 --draws 5         # score 5 slot draws, mean +- sd
 
 With ``--keep-others`` the rows of the runs (preset and seed) not made this time are kept from the existing
 ``discovery.json``, each with the date and machine it was measured on (the table's "measured" column), so one
 benchmark, or one more seed of it, can be measured without re-running the others. A kept row may come from another
 day, machine or command line than the header's (the column says when and where): the preset's mean is over all of its
 rows.
+
+Slot Attention draws its initial slots anew for every image, so a score is one draw of that noise. With ``--draws N``
+every evaluation scores N draws (noise seeds 0 to N-1): the FG-ARI cells give their mean and standard deviation
+(``0.847 ± 0.004``), the other cells the mean.
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def stale_keys(run_dir: Path, preset: str, sets: list[str]) -> list[str]:
             if found[section][key] != value and not (section == "data" and key in DATA_LOCATION_KEYS)]
 
 
-def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters: int = 0) -> dict:
+def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters: int = 0, draws: int = 1) -> dict:
     """Train (or resume, or reuse) and evaluate one run; returns its row."""
     run_dir = runs / f"{preset}-s{seed}"
     sets = [f"train.seed={seed}", *overrides]
@@ -121,15 +127,17 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         for item in sets:
             args += ["--set", item]
         slotlab(*args)
-    slotlab("eval", str(run_dir))
+    several = ["--draws", str(draws)] if draws > 1 else []
+    slotlab("eval", str(run_dir), *several)
     checkpoint = choose_checkpoint(run_dir, "best")
-    metrics = json.loads((eval_dir(run_dir, "val", checkpoint) / "metrics.json").read_text())
+    metrics = json.loads((eval_dir(run_dir, "val", checkpoint, draws=draws) / "metrics.json").read_text())
     more = {}
     if test_iters == metrics.get("iters"):  # the run's own test-time T: the plain evaluation is that one
         more = metrics
     elif test_iters:
-        slotlab("eval", str(run_dir), "--iters", str(test_iters))
-        more = json.loads((eval_dir(run_dir, "val", checkpoint, iters=test_iters) / "metrics.json").read_text())
+        slotlab("eval", str(run_dir), "--iters", str(test_iters), *several)
+        more = json.loads((eval_dir(run_dir, "val", checkpoint, iters=test_iters, draws=draws)
+                           / "metrics.json").read_text())
     records = read_metrics(run_dir)
     # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
     config = json.loads((run_dir / "config.json").read_text())
@@ -147,6 +155,8 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         **{name: metrics.get(name) for name in ("fg_ari", "ari", "miou", "mbo", "mse", "attn_fg_ari", "iters")},
         "test_iters": test_iters or None, "test_iters_fg_ari": more.get("fg_ari"),
         "test_iters_attn_fg_ari": more.get("attn_fg_ari"),
+        "draws": draws, "fg_ari_std": metrics.get("std", {}).get("fg_ari"),
+        "test_iters_fg_ari_std": more.get("std", {}).get("fg_ari"),
         "num_val_images": metrics.get("num_images"),
         "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
     }
@@ -158,8 +168,10 @@ def presets_in_order(rows: list[dict]) -> list[str]:
     return sorted(found, key=lambda p: (PRESETS.index(p) if p in PRESETS else len(PRESETS), found.index(p)))
 
 
-def _score(value: float | None, digits: int = 3) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
+def _score(value: float | None, digits: int = 3, std: float | None = None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -191,7 +203,8 @@ def markdown(rows: list[dict], header: str) -> str:
         scores = [values(r) for r in group]
         one_t = len({r.get("iters") for r in group}) == 1  # else the plain columns mix two test-time conditions
         for r, found in zip(group, scores):
-            cells = " | ".join(_score(v, 4 if name == "mse" else 3) for name, v in found.items())
+            spread = {"fg_ari": r.get("fg_ari_std"), f"T{r.get('test_iters')}": r.get("test_iters_fg_ari_std")}
+            cells = " | ".join(_score(v, 4 if name == "mse" else 3, spread.get(name)) for name, v in found.items())
             scored, trained = r.get("iters"), r.get("trained_iters")  # None in rows of older tables
             at_test = None not in (scored, trained) and scored != trained
             name = f"`{preset}`" + (f" (T={scored} at test)" if at_test else "")
@@ -207,6 +220,11 @@ def markdown(rows: list[dict], header: str) -> str:
                 cell = _score(mean, 4 if name == "mse" else 3)
                 cells.append(f"**{cell}**" if name == "fg_ari" and cell else cell)
             lines.append(f"| `{preset}` | mean | | | | {' | '.join(cells)} | |" + (" |" if when else ""))
+    several = sorted({r.get("draws") or 1 for r in rows} - {1})
+    if several:
+        lines += ["", "A ± is the standard deviation over the draws of the initial slots a row was scored with "
+                  f"({' or '.join(map(str, several))}; rows without one: one draw, noise seed 0); the score is "
+                  "their mean."]
     return "\n".join(lines) + "\n"
 
 
@@ -242,9 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for all")
     parser.add_argument("--test-iters", type=int, default=0, metavar="T",
                         help="also score every run with T grouping iterations at test time (0 = no)")
+    parser.add_argument("--draws", type=int, default=1, metavar="N",
+                        help="score N draws of the initial slots (noise seeds 0..N-1): mean and standard deviation")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep the rows of runs (preset, seed) not made now from the existing discovery.json")
     args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws must be 1 or more, got {args.draws}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"Measured {datetime.date.today().isoformat()} on {machine()}; command: "
@@ -260,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = list(args.set)
         if args.budget_scale != 1.0:
             overrides.append(f"train.time_budget={get_preset(preset).train.time_budget * args.budget_scale:g}")
-        rows.append(run_one(preset, seed, Path(args.runs), overrides, args.test_iters))
+        rows.append(run_one(preset, seed, Path(args.runs), overrides, args.test_iters, args.draws))
         # written after every run, so that a stopped queue leaves the table of what finished
         (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
         (out / "discovery.md").write_text(markdown(rows, header))

@@ -103,3 +103,16 @@ def test_a_run_made_with_an_older_preset_is_named_stale_and_the_presets_own_is_n
     config["model"]["decoder_grid"] = 64  # a config slotlab no longer accepts is stale too
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert "decoder_grid" in discovery.stale_keys(tmp_path, "clevr6-cpu", sets)[0]
+
+
+def test_rows_scored_over_several_slot_draws_show_the_spread_and_say_so():
+    rows = [_row("clevr6-cpu", 0, 0.847, draws=5, fg_ari_std=0.004, test_iters=7, test_iters_fg_ari=0.85,
+                 test_iters_fg_ari_std=0.006, test_iters_attn_fg_ari=0.86),
+            _row("clevr6-cpu", 1, 0.81, draws=1)]
+    table = discovery.markdown(rows, "header")
+    runs = [line for line in table.splitlines() if line.startswith("| `")]
+    assert "| 0.847 ± 0.004 |" in runs[0] and "| 0.850 ± 0.006 | 0.860 |" in runs[0]
+    assert "| 0.810 |" in runs[1] and "±" not in runs[1]
+    assert "| **0.829** |" in runs[2]  # the mean of the rows' scores
+    assert "draws of the initial slots" in table.splitlines()[-1]
+    assert "±" not in discovery.markdown([_row("clevr6-cpu", 0, 0.8)], "header")  # one draw: no note, no spread
