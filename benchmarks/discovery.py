@@ -95,20 +95,27 @@ def slotlab(*args: str) -> None:
 
 # Where a run's data may differ from the preset's without making it another experiment.
 DATA_LOCATION_KEYS = ("root", "cache", "skip_bad")
+# The training keys that make another experiment: the budget, the schedule, the batch, the seed, the precision (not
+# logging, validation, checkpointing, device, threads or compilation).
+TRAIN_KEYS = ("steps", "time_budget", "batch_size", "lr", "schedule", "warmup_steps", "decay_rate", "decay_steps",
+              "min_lr", "decoder_lr_scale", "grad_clip", "seed", "precision")
 
 
 def stale_keys(run_dir: Path, preset: str, sets: list[str]) -> list[str]:
-    """The model and data keys where the run in ``run_dir`` differs from what ``preset`` with ``sets`` gives now
-    (a run made before the preset changed would otherwise be resumed, or reused, as if it were the preset's). Keys
-    the run's config predates count at their defaults, as slotlab reads them."""
+    """The model, data and training keys (:data:`TRAIN_KEYS`) where the run in ``run_dir`` differs from what
+    ``preset`` with ``sets`` gives now (a run made before the preset changed, or a rehearsal's at a tenth of the
+    budget, would otherwise be resumed, or reused, as if it were the preset's). Keys the run's config predates count
+    at their defaults, as slotlab reads them."""
     wanted = config_to_dict(apply_overrides(get_preset(preset), sets))
     try:
         found = config_to_dict(config_from_dict(json.loads((run_dir / "config.json").read_text())))
     except UserError as exc:  # a config that this slotlab refuses is not the preset's either
         return [str(exc)]
+    compared = {"model": wanted["model"], "data": {k: v for k, v in wanted["data"].items()
+                                                   if k not in DATA_LOCATION_KEYS},
+                "train": {k: wanted["train"][k] for k in TRAIN_KEYS}}
     return [f"{section}.{key}={found[section][key]!r} (now {value!r})"
-            for section in ("model", "data") for key, value in wanted[section].items()
-            if found[section][key] != value and not (section == "data" and key in DATA_LOCATION_KEYS)]
+            for section, keys in compared.items() for key, value in keys.items() if found[section][key] != value]
 
 
 def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters: int = 0, draws: int = 1) -> dict:

@@ -100,6 +100,11 @@ def test_a_run_made_with_an_older_preset_is_named_stale_and_the_presets_own_is_n
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert discovery.stale_keys(tmp_path, "clevr6-cpu", sets) == ["model.mask_agreement=0.0 (now 0.02)",
                                                                   "model.mask_agreement_from=0.0 (now 0.25)"]
+    config["model"].update(mask_agreement=0.02, mask_agreement_from=0.25)
+    config["train"].update(time_budget=12.0, log_every=7, threads=1)  # a rehearsal's budget makes another run
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert discovery.stale_keys(tmp_path, "clevr6-cpu", sets) == ["train.time_budget=12.0 (now 120.0)"]
+    assert discovery.stale_keys(tmp_path, "clevr6-cpu", [*sets, "train.time_budget=12"]) == []
     config["model"]["decoder_grid"] = 64  # a config slotlab no longer accepts is stale too
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert "decoder_grid" in discovery.stale_keys(tmp_path, "clevr6-cpu", sets)[0]

@@ -201,6 +201,7 @@ def test_eval_of_several_slot_draws_reports_their_mean_and_spread(evaluated_run)
     (["--iters", "x"], "--iters"),
     (["--draws", "0"], "--draws"),
     (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64 - 1), "--draws", "2"], "seed"),
 ])
 def test_eval_bad_arguments(evaluated_run, capsys, args, fragment):
     run_dir, _ = evaluated_run

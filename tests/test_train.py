@@ -146,6 +146,30 @@ def test_a_branch_takes_its_own_optimiser_settings_resumes_and_refuses_nothing_t
     assert not (tmp_path / "none").exists() and not (tmp_path / "off").exists()
 
 
+def test_a_resume_loads_the_moments_under_this_machines_optimiser_settings(tmp_path, monkeypatch):
+    # A run saved by the plain Adam of a CPU, resumed where Adam is fused (a GPU): torch places the step counters
+    # while it loads, by the settings of the groups it loads, so these must already be this machine's (a fused
+    # Adam on a GPU with its counters left on the CPU fails at its first step).
+    from slotlab.train import loop
+
+    train(apply_overrides(get_preset("smoke"), SMOKE), tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["optimizer"]["param_groups"]
+    assert not any(group["fused"] for group in saved)
+    monkeypatch.setattr(loop, "build_optimizer", lambda model, cfg, device=None: torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, fused=True))
+    loaded = []
+    load = torch.optim.Adam.load_state_dict
+
+    def spy(self, state_dict):
+        loaded.append([group["fused"] for group in state_dict["param_groups"]])
+        return load(self, state_dict)
+
+    monkeypatch.setattr(torch.optim.Adam, "load_state_dict", spy)
+    resume(tmp_path / "run", ["train.steps=3"])
+    assert loaded == [[True]]
+    assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_test_iters_change_validation_and_leave_training_alone(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=4"])
     train(base, tmp_path / "plain")

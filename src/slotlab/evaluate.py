@@ -61,8 +61,8 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         raise UserError(f"iters must be 0 (the run's own test-time T) or positive, got {iters}")
     if draws < 1:
         raise UserError(f"draws must be 1 or more, got {draws}")
-    if seed < 0:
-        raise UserError(f"seed must be 0 or positive, got {seed}")
+    if not 0 <= seed <= 2**64 - draws:  # torch.manual_seed takes 64-bit seeds
+        raise UserError(f"seed must be 0 to 2**64 - draws, got {seed}")
     run_dir = Path(run_dir)
     checkpoint = choose_checkpoint(run_dir, checkpoint)
     config, model = load_trained_model(run_dir, checkpoint, device)

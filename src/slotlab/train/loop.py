@@ -264,13 +264,20 @@ class Trainer:
             try:
                 load_weights(self.model, state["model"], last)
             except UserError as exc:
-                if state_path is None:
+                if state_path is None or non_finite_weights(state["model"]):  # a diverged source: said as it is
                     raise
                 raise UserError(f"--from {state_path}: its weights do not fit the branch's model (a --set key changed "
                                 f"the architecture): {exc}") from None
+            # The moments are the checkpoint's, the settings (learning rate, fused, ...) this config's: a branch's
+            # own, or this machine's on a resume moved to another device. They go in before the loading, which
+            # places the step counters where these settings want them (a fused Adam on a GPU: on the GPU).
             settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+            saved = state["optimizer"]
+            if isinstance(saved, dict) and len(saved.get("param_groups", [])) == len(settings):
+                saved = {**saved, "param_groups": [{**group, **fresh}
+                                                   for group, fresh in zip(saved["param_groups"], settings)]}
             try:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.optimizer.load_state_dict(saved)
             except (KeyError, ValueError, RuntimeError, TypeError) as exc:
                 if state_path is not None and len(state["optimizer"]["param_groups"]) != len(settings):
                     raise UserError(f"--from {state_path}: a branch cannot turn train.decoder_lr_scale on or off (the "
@@ -278,8 +285,6 @@ class Trainer:
                                     ) from None
                 raise UserError(f"checkpoint {last}: optimizer state does not fit the model ({first_line(exc)})"
                                 ) from None
-            for group, fresh in zip(self.optimizer.param_groups, settings):
-                group.update(fresh)  # the moments are the checkpoint's, the settings this config's (a branch's)
             self.step = int(state["step"])
             self.best_val = float(state.get("best_val", math.inf))
             self.train_seconds = float(state.get("train_seconds", 0.0))
