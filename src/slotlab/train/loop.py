@@ -410,7 +410,8 @@ class Trainer:
 
     def training_progress(self, budget: float | None) -> float:
         """Fraction of training done: of ``train.steps``, or of ``train.time_budget`` (``budget``, from
-        :meth:`budget_progress`) when that runs out first, as the cosine learning rate reads it."""
+        :meth:`budget_progress`) when that runs out first: the clock the cosine learning rate ends with (the cosine
+        itself counts its progress from the end of the warm-up, so the two differ over the warm-up's steps)."""
         by_steps = self.step / max(1, self.config.train.steps)
         return by_steps if budget is None else max(by_steps, budget)
 
