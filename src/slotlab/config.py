@@ -367,9 +367,9 @@ def _clevr6_cpu() -> Config:
     every score stay at 64x64): 3.5x the steps of 64x64 in the same minutes, with bf16 autocast. From a quarter of the
     budget on, the decoder's masks are also taught the attention masks (``model.mask_agreement``): by then the
     attention has bound better than the decoder draws (FG-ARI 0.84 against 0.73), and the decoder cuts objects
-    between two slots. Two seeds: val FG-ARI 0.850 and 0.818 (mean 0.834), test 0.858 and 0.810 (decoder masks,
-    T=7; the 64x64 preset without the agreement: 0.835 and 0.761). docs/discovery/levers.md has the runs behind each
-    choice.
+    between two slots. Three seeds: val FG-ARI 0.850 / 0.818 / 0.795 (mean 0.821), test 0.858 / 0.810 / 0.801
+    (decoder masks, T=7; the 64x64 preset without the agreement: 0.835 and 0.761 on seeds 0 and 1).
+    docs/discovery/levers.md has the runs behind each choice.
     """
     return Config(
         data=DataConfig(name="clevr6", resolution=64, num_train=40_000, num_val=320, min_objects=3, max_objects=6),
