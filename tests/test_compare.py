@@ -60,6 +60,11 @@ def test_an_evaluation_with_other_test_time_iterations_says_so(tmp_path):
     assert f"| val 500 img, best, T={trained + 8} |" in lines[3]
 
 
+def test_an_evaluation_over_several_slot_draws_says_so(tmp_path):
+    run = make_run(tmp_path, "draws", eval_metrics={"fg_ari": 0.7, "draws": 5, "std": {"fg_ari": 0.004}})
+    assert "| val 500 img, best, mean of 5 draws |" in compare_runs([run]).splitlines()[2]
+
+
 def test_the_model_column_names_a_non_default_decoder(tmp_path):
     run = make_run(tmp_path, "mlp", ["model.decoder_kind=mlp", "model.decoder_pixels=0.25"], eval_metrics={})
     assert "| autoencoder / slot_attention / bo_qsa / mlp decoder 25% px |" in compare_runs([run]).splitlines()[2]

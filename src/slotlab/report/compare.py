@@ -145,6 +145,8 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
     trained_iters = config.get("model", {}).get("iters")
     if evaluation and evaluation.get("iters") not in (None, trained_iters):  # model.test_iters or eval --iters
         scored += f", T={evaluation['iters']}"
+    if evaluation.get("draws", 1) > 1:  # eval --draws N: the scores are means over N draws of the initial slots
+        scored += f", mean of {evaluation['draws']} draws"
     row: dict[str, Any] = {"name": run_dir.name, "model": _describe(config), "steps": steps,
                            "wall_time_s": training_time(records, batch_size), "evaluated": scored, "config": config}
     for column in METRIC_COLUMNS:
