@@ -227,10 +227,10 @@ def markdown(rows: list[dict], header: str) -> str:
                 cell = _score(mean, 4 if name == "mse" else 3)
                 cells.append(f"**{cell}**" if name == "fg_ari" and cell else cell)
             lines.append(f"| `{preset}` | mean | | | | {' | '.join(cells)} | |" + (" |" if when else ""))
-    several = sorted({r.get("draws") or 1 for r in rows} - {1})
-    if several:
+    draw_counts = sorted({r.get("draws") or 1 for r in rows} - {1})
+    if draw_counts:
         lines += ["", "A ± is the standard deviation over the draws of the initial slots a row was scored with "
-                  f"({' or '.join(map(str, several))}; rows without one: one draw, noise seed 0); the score is "
+                  f"({' or '.join(map(str, draw_counts))}; rows without one: one draw, noise seed 0); the score is "
                   "their mean."]
     return "\n".join(lines) + "\n"
 

@@ -104,15 +104,10 @@ def mean_over_draws(scores: list[dict[str, Any]], seed: int = 0) -> dict[str, An
     """One summary of several draws' ``scores``: each numeric score's mean, with ``std`` (population standard
     deviations), ``per_draw`` (every draw's value) and ``seeds`` (the noise seed of each draw); anything else (text,
     nested tables) as the first draw has it."""
-    merged = dict(scores[0])
-    numeric = [key for key, value in scores[0].items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)
-               and all(isinstance(s.get(key), (int, float)) for s in scores)]
-    for key in numeric:
-        values = np.array([s[key] for s in scores], dtype=np.float64)
-        merged[key] = float(values.mean())
-    merged["draws"] = len(scores)
-    merged["seeds"] = [seed + draw for draw in range(len(scores))]
-    merged["std"] = {key: float(np.std([s[key] for s in scores])) for key in numeric}
-    merged["per_draw"] = {key: [s[key] for s in scores] for key in numeric}
-    return merged
+    per_draw = {key: [s[key] for s in scores] for key, value in scores[0].items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+                and all(isinstance(s.get(key), (int, float)) for s in scores)}
+    values = {key: np.asarray(found, dtype=np.float64) for key, found in per_draw.items()}  # key -> [draws]
+    return {**scores[0], **{key: float(v.mean()) for key, v in values.items()},
+            "draws": len(scores), "seeds": [seed + draw for draw in range(len(scores))],
+            "std": {key: float(v.std()) for key, v in values.items()}, "per_draw": per_draw}

@@ -268,23 +268,7 @@ class Trainer:
                     raise
                 raise UserError(f"--from {state_path}: its weights do not fit the branch's model (a --set key changed "
                                 f"the architecture): {exc}") from None
-            # The moments are the checkpoint's, the settings (learning rate, fused, ...) this config's: a branch's
-            # own, or this machine's on a resume moved to another device. They go in before the loading, which
-            # places the step counters where these settings want them (a fused Adam on a GPU: on the GPU).
-            settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-            saved = state["optimizer"]
-            if isinstance(saved, dict) and len(saved.get("param_groups", [])) == len(settings):
-                saved = {**saved, "param_groups": [{**group, **fresh}
-                                                   for group, fresh in zip(saved["param_groups"], settings)]}
-            try:
-                self.optimizer.load_state_dict(saved)
-            except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-                if state_path is not None and len(state["optimizer"]["param_groups"]) != len(settings):
-                    raise UserError(f"--from {state_path}: a branch cannot turn train.decoder_lr_scale on or off (the "
-                                    "optimiser's parameter groups differ); another scale than the source's is fine"
-                                    ) from None
-                raise UserError(f"checkpoint {last}: optimizer state does not fit the model ({first_line(exc)})"
-                                ) from None
+            self._load_optimizer(state["optimizer"], last, branched=state_path is not None)
             self.step = int(state["step"])
             self.best_val = float(state.get("best_val", math.inf))
             self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -301,6 +285,25 @@ class Trainer:
         self.preview = None  # the mask picture of the last validation (for the trackers)
         self.guard = FiniteGuard(self.device)
         self.check_every_step = self.device.type != "cuda"  # a host-device sync costs nothing on the CPU
+
+    def _load_optimizer(self, saved: Any, path: Path, branched: bool) -> None:
+        """Load the checkpoint's optimiser moments (``saved``, from ``path``) under this config's group settings.
+
+        The settings (learning rate, fused, ...) are this config's: a branch's own, or this machine's on a resume
+        moved to another device. They go in before the loading, which places the step counters where these settings
+        want them (a fused Adam on a GPU: on the GPU).
+        """
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if isinstance(groups, list) and len(groups) == len(settings):
+            saved = {**saved, "param_groups": [{**group, **fresh} for group, fresh in zip(groups, settings)]}
+        elif branched and isinstance(groups, list):
+            raise UserError(f"--from {path}: a branch cannot turn train.decoder_lr_scale on or off (the optimiser's "
+                            "parameter groups differ); another scale than the source's is fine")
+        try:
+            self.optimizer.load_state_dict(saved)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise UserError(f"checkpoint {path}: optimizer state does not fit the model ({first_line(exc)})") from None
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
