@@ -31,6 +31,8 @@ def trained_run(tmp_path):
     (["train", "--from", "A", "--preset", "smoke", "--out", "X"], ["--from", "--preset"]),
     (["train", "--preset", "smoke", "--checkpoint", "best", "--out", "X"], ["--checkpoint", "--from"]),
     (["frobnicate"], ["invalid choice"]),
+    (["eval", "does/not/exist", "--checkpoint", "../x"], ["--checkpoint", "last, best or step-<N>", "'../x'"]),
+    (["export", "does/not/exist", "--out", "X", "--checkpoint", "step-"], ["--checkpoint", "'step-'"]),
 ])
 def test_user_mistakes(capsys, tmp_path, monkeypatch, args, fragments):
     monkeypatch.chdir(tmp_path)

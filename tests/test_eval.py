@@ -220,9 +220,11 @@ def test_eval_missing_run(tmp_path, capsys):
 
 def test_evaluations_of_other_splits_and_checkpoints_are_kept_and_the_report_says_which(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train(apply_overrides(get_preset("smoke"), ["train.steps=2", "train.val_every=2"]), run_dir)
+    train(apply_overrides(get_preset("smoke"), ["train.steps=2", "train.val_every=2", "train.keep_every=1"]), run_dir)
     assert main(["eval", str(run_dir), "--device", "cpu"]) == 0
     val = (run_dir / "eval" / "val-best" / "metrics.json").read_text()
+    assert main(["eval", str(run_dir), "--checkpoint", "step-1", "--device", "cpu"]) == 0  # a kept snapshot
+    assert json.loads((run_dir / "eval" / "val-step-1" / "metrics.json").read_text())["checkpoint"] == "step-1"
     assert main(["eval", str(run_dir), "--split", "train", "--limit", "4", "--device", "cpu"]) == 0
     assert main(["eval", str(run_dir), "--checkpoint", "last", "--device", "cpu"]) == 0
     assert (run_dir / "eval" / "val-best" / "metrics.json").read_text() == val  # untouched

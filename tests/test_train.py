@@ -110,6 +110,27 @@ def test_a_branch_with_only_more_steps_equals_the_uninterrupted_run_and_leaves_i
     assert (origin["step"], origin["checkpoint"], origin["overrides"]) == (3, "last", ["train.steps=6"])
 
 
+def test_kept_snapshots_are_the_uninterrupted_runs_state_and_a_branch_starts_from_one(tmp_path):
+    base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=6", "train.ckpt_every=100"])
+    train(apply_overrides(base, ["train.keep_every=2"]), tmp_path / "kept")
+    names = sorted(path.name for path in (tmp_path / "kept/checkpoints").iterdir())
+    assert names == ["best.pt", "last.pt", "step-2.pt", "step-4.pt", "step-6.pt"]
+    train(apply_overrides(base, ["train.steps=2"]), tmp_path / "two")  # the same run, stopped at step 2
+    snapshot = load_checkpoint(tmp_path / "kept/checkpoints/step-2.pt")
+    stopped = load_checkpoint(tmp_path / "two/checkpoints/last.pt")
+    assert snapshot["step"] == 2
+    for name in stopped["model"]:
+        torch.testing.assert_close(snapshot["model"][name], stopped["model"][name], rtol=0, atol=0)
+    branch(tmp_path / "kept", tmp_path / "branch", ["train.keep_every=0"], "step-2")
+    assert losses(tmp_path / "branch") == losses(tmp_path / "kept")  # steps 3-6 again, from the snapshot
+    assert json.loads((tmp_path / "branch/branched_from.json").read_text())["checkpoint"] == "step-2"
+    with pytest.raises(UserError, match="kept snapshots: step-2, step-4, step-6"):
+        branch(tmp_path / "kept", tmp_path / "other", [], "step-3")
+    with pytest.raises(UserError, match="none"):
+        branch(tmp_path / "two", tmp_path / "other", ["train.steps=4"], "step-2")
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_branch_changes_a_model_key_that_resume_refuses(tmp_path):
     base = apply_overrides(get_preset("smoke"), SMOKE + ["train.steps=2"])
     train(base, tmp_path / "source")

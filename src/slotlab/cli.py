@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,13 @@ def _positive(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("must be 1 or more, got 0")
     return value
+
+
+def _checkpoint(text: str) -> str:
+    """An argparse type: a checkpoint name, ``last``, ``best`` or a snapshot ``step-<N>`` (``train.keep_every``)."""
+    if text in ("last", "best") or re.fullmatch(r"step-[0-9]+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected last, best or step-<N>, got {text!r}")
 
 
 def _slot_list(text: str) -> list[int]:
@@ -232,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--from", dest="source", metavar="RUN_DIR",
                    help="branch: a new run (--out) that goes on from RUN_DIR's checkpoint with any --set changed")
-    p.add_argument("--checkpoint", default="last", choices=["last", "best"], help="the checkpoint --from starts at")
+    p.add_argument("--checkpoint", default="last", type=_checkpoint,
+                   help="the checkpoint --from starts at: last, best or a kept step-<N> (train.keep_every)")
     p.add_argument("--devices", type=int, default=1, metavar="G",
                    help="train data-parallel in G processes (one per GPU; gloo on CPU) launched with torchrun; "
                         "1 = in this process, no torchrun")
@@ -241,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "score a run on a split; writes RUN_DIR/eval/")
     p.add_argument("run_dir")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of the run\'s dataset")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                   help="best = lowest validation loss (falls back to last)")
+    p.add_argument("--checkpoint", default="best", type=_checkpoint,
+                   help="best = lowest validation loss (falls back to last), last, or a kept step-<N>")
     p.add_argument("--limit", type=_count, default=0, help="score only the first N images (0 = all)")
     p.add_argument("--batch-size", type=_count, default=0, help="images per forward pass (0 = the training batch)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:N")
@@ -259,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="new folder (Hugging Face style; slotlab.load and every command "
                                                 "taking a run directory accept it)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                   help="best = lowest validation loss (default: %(default)s)")
+    p.add_argument("--checkpoint", default="best", type=_checkpoint,
+                   help="best = lowest validation loss, last, or a kept step-<N> (default: %(default)s)")
 
     p = add("report", cmd_report, "write RUN_DIR/report.html and report.md")
     p.add_argument("run_dir")

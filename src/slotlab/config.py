@@ -222,6 +222,9 @@ class TrainConfig:
     val_batches: int = _field(4, lo=1, hi=100_000)  # val batches used for the val loss / ARI during training
     log_every: int = _field(20, lo=1)  # steps between metrics.jsonl lines
     ckpt_every: int = _field(200, lo=1)  # steps between 'last' checkpoints
+    # steps between kept snapshots, checkpoints/step-<N>.pt, that a branch (--from RUN --checkpoint step-<N>) or
+    # `slotlab eval --checkpoint step-<N>` can start from later (0 = none: only last.pt and best.pt)
+    keep_every: int = _field(0, lo=0)
     seed: int = _field(0, lo=0, hi=2**62)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
@@ -252,7 +255,8 @@ class Config:
 # Overrides that --resume accepts: they change how long and how observably a run goes on, never what it computes.
 RESUME_SAFE_KEYS = (
     "train.steps", "train.time_budget", "train.log_every", "train.val_every", "train.val_batches",
-    "train.ckpt_every", "train.device", "train.threads", "train.loggers", "data.root", "data.cache", "data.skip_bad",
+    "train.ckpt_every", "train.keep_every", "train.device", "train.threads", "train.loggers", "data.root",
+    "data.cache", "data.skip_bad",
 )
 
 

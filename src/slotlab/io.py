@@ -47,11 +47,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Save a checkpoint dict atomically (temp file + rename)."""
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    """A checkpoint dict as the bytes of its file (``torch.save``'s archive)."""
     buffer = _io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Save a checkpoint dict atomically (temp file + rename)."""
+    atomic_write_bytes(Path(path), checkpoint_bytes(state))
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -33,6 +33,7 @@ from slotlab.io import load_checkpoint
 
 LOCK_NAME = ".lock"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
+KEPT_NAME = re.compile(r"step-[0-9]+")  # a snapshot kept every train.keep_every steps: checkpoints/step-<N>.pt
 # What a start of `slotlab train` writes before its first checkpoint: safe to clear when the folder is reused.
 BRANCH_RECORD = "branched_from.json"  # where a branched run (slotlab train --from) started
 START_LEFTOVERS = ("config.json", "metrics.jsonl", "tb", "curves.png", "skipped_files.txt", "checkpoints",
@@ -194,13 +195,26 @@ def weights_file(run_dir: Path, checkpoint: str = "best") -> Path:
     return Path(run_dir) / "checkpoints" / f"{choose_checkpoint(run_dir, checkpoint)}.pt"
 
 
+def kept_checkpoints(run_dir: Path) -> list[str]:
+    """The names of the snapshots ``train.keep_every`` kept (``step-<N>``), by step."""
+    found = [path.stem for path in (Path(run_dir) / "checkpoints").glob("step-*.pt") if KEPT_NAME.fullmatch(path.stem)]
+    return sorted(found, key=lambda name: int(name.removeprefix("step-")))
+
+
 def checkpoint_path(run_dir: Path, checkpoint: str = "last") -> Path:
-    """``RUN_DIR/checkpoints/<checkpoint>.pt``, checked to exist."""
+    """``RUN_DIR/checkpoints/<checkpoint>.pt``, checked to exist; ``checkpoint`` is ``last``, ``best`` or a kept
+    ``step-<N>``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"missing run directory {run_dir}")
+    if checkpoint not in ("last", "best") and not KEPT_NAME.fullmatch(checkpoint):
+        raise UserError(f"unknown checkpoint {checkpoint!r} (last, best or step-<N>)")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.exists():
+        if KEPT_NAME.fullmatch(checkpoint):
+            kept = kept_checkpoints(run_dir)
+            raise UserError(f"run directory {run_dir} has no checkpoint {checkpoint}.pt; kept snapshots: "
+                            f"{', '.join(kept) if kept else 'none (train.keep_every was 0)'}")
         raise UserError(f"run directory {run_dir} has no checkpoint {checkpoint}.pt (not trained yet?)")
     return path
 

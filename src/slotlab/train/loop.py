@@ -5,6 +5,7 @@ Run directory layout::
     RUN_DIR/config.json              resolved config
     RUN_DIR/checkpoints/last.pt      latest state (atomic), used by --resume
     RUN_DIR/checkpoints/best.pt      lowest validation loss
+    RUN_DIR/checkpoints/step-<N>.pt  kept snapshots, every train.keep_every steps (branch or evaluate from them)
     RUN_DIR/metrics.jsonl            train / val records
     RUN_DIR/tb/                      TensorBoard scalars
     RUN_DIR/curves.png               train and val loss (and LR) vs epoch
@@ -42,11 +43,12 @@ from slotlab.config import Config, apply_overrides, config_to_dict, resume_overr
 from slotlab.data import ArrayDataset, build_dataset, to_model_batch
 from slotlab.errors import UserError
 from slotlab.io import (
+    atomic_write_bytes,
     atomic_write_text,
+    checkpoint_bytes,
     first_line,
     load_weights,
     non_finite_weights,
-    save_checkpoint,
 )
 from slotlab.models.noise import batch_shard
 from slotlab.runs import (
@@ -336,11 +338,14 @@ class Trainer:
                     "lower train.lr or raise train.grad_clip before resuming.")
         return "No checkpoint had been written yet."
 
-    def save(self, name: str) -> None:
-        """Write checkpoint ``name`` (atomically), only after checking that the run is still finite."""
+    def save(self, *names: str) -> None:
+        """Write checkpoints ``names`` (atomically, the state serialised once), only after checking that the run is
+        still finite."""
         self.check_finite()
-        save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", self.state_dict())
-        self.saved_steps[name] = self.step
+        data = checkpoint_bytes(self.state_dict())
+        for name in names:
+            atomic_write_bytes(self.run_dir / "checkpoints" / f"{name}.pt", data)
+            self.saved_steps[name] = self.step
 
     # ------------------------------------------------------------------------------------------------ steps
     def fetch_batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -465,7 +470,8 @@ class Trainer:
                 is_last = self.step == cfg.steps or (own_clock and self.out_of_time())
                 is_log = self.step % cfg.log_every == 0 or is_last
                 is_val = self.step % cfg.val_every == 0 or is_last
-                is_ckpt = self.step % cfg.ckpt_every == 0 or is_last
+                is_kept = cfg.keep_every > 0 and self.step % cfg.keep_every == 0
+                is_ckpt = self.step % cfg.ckpt_every == 0 or is_last or is_kept
                 # Data-parallel ranks end on rank 0's clock, where they agree to stop (below).
                 stop = self.stop_signal is not None or (not own_clock and main and self.out_of_time())
                 if is_log or is_val or is_ckpt:
@@ -489,7 +495,7 @@ class Trainer:
                 if is_val and main:
                     last_val = self.validate_and_log()
                 if is_ckpt and main:
-                    self.save("last")
+                    self.save("last", *([f"step-{self.step}"] if is_kept else []))
                 if stop:
                     budget_stop = self.stop_signal is None and main and self.out_of_time()
                     if not budget_stop:
