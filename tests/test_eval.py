@@ -15,6 +15,7 @@ import torch
 from slotlab import evaluate
 from slotlab.cli import main
 from slotlab.config import apply_overrides, config_to_dict, get_preset, save_config
+from slotlab.errors import UserError
 from slotlab.evaluate import evaluate_run
 from slotlab.io import save_checkpoint
 from slotlab.tasks import build_model
@@ -196,8 +197,24 @@ def test_eval_of_several_slot_draws_reports_their_mean_and_spread(evaluated_run)
     assert {**kept, "eval_seconds": 0} == {**plain, "eval_seconds": 0}  # the one-draw evaluation is kept
 
 
+def test_eval_with_restarts_keeps_the_plain_evaluation_and_equals_a_run_with_test_restarts(evaluated_run, tmp_path):
+    run_dir, plain = evaluated_run
+    three = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", restarts=3)
+    assert three["restarts"] == 3 and plain["restarts"] == 1 and three["fg_ari"] != plain["fg_ari"]
+    assert json.loads((run_dir / "eval" / "val-last-first10-R3" / "metrics.json").read_text()) == three
+    same = untrained_run(tmp_path / "run", ["model.test_restarts=3"])  # the same weights, 3 restarts outside training
+    own = evaluate_run(same, limit=10, batch_size=4, device="cpu")
+    assert (own["restarts"], own["fg_ari"], own["mse"]) == (3, three["fg_ari"], three["mse"])
+    assert (same / "eval" / "val-last-first10" / "metrics.json").is_file()  # the run's own number: the plain folder
+    learned = untrained_run(tmp_path / "learned", ["model.slot_init=bo_qsa"])
+    with pytest.raises(UserError, match="model.slot_init=bo_qsa"):
+        evaluate_run(learned, limit=10, batch_size=4, device="cpu", restarts=3)
+    assert not (learned / "eval").exists()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--limit", "-1"], "--limit"),
+    (["--restarts", "-2"], "--restarts"),
     (["--batch-size", "-4"], "--batch-size"),
     (["--iters", "x"], "--iters"),
     (["--draws", "0"], "--draws"),

@@ -396,3 +396,32 @@ def test_mask_agreement_needs_the_whole_image_decoded():
     with pytest.raises(UserError, match="model.mask_agreement"):
         apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.1", "model.decoder_kind=mlp",
                                               "model.decoder_pixels=0.5"])
+
+
+def test_test_restarts_keep_each_images_most_self_consistent_draw():
+    """model.test_restarts=R: outside training, R draws of the Gaussian initial slots; each image keeps everything
+    (slots, attention, masks, image) of the draw whose decoder masks agree best with its attention masks."""
+    from slotlab.models.autoencoder import mask_disagreement
+
+    torch.manual_seed(0)
+    model = build_model(apply_overrides(get_preset("smoke"), ["model.test_restarts=3"])).eval()
+    image = torch.rand(8, 3, 16, 16) * 2 - 1
+    model.test_restarts = 1
+    torch.manual_seed(1)
+    with torch.no_grad():
+        singles = [model(image) for _ in range(3)]  # the noise a three-restart pass draws, one draw at a time
+        model.test_restarts = 3
+        torch.manual_seed(1)
+        out = model(image)
+        torch.manual_seed(1)
+        encoded, _ = model.encode(image)
+    best = torch.stack([mask_disagreement(s.masks, s.attn, s.feature_size) for s in singles]).argmin(dim=0)  # [B]
+    assert len(set(best.tolist())) > 1  # the images chose different draws
+    for i, draw in enumerate(best.tolist()):
+        for name in ("recon", "masks", "slot_recons", "slots", "attn"):
+            torch.testing.assert_close(getattr(out, name)[i], getattr(singles[draw], name)[i])
+        torch.testing.assert_close(out.attn_per_iter[0][i], singles[draw].attn_per_iter[0][i])
+    torch.testing.assert_close(encoded.slots, out.slots)  # generation starts from the same chosen slots
+    assert model.train().restarts() == 1  # training draws once
+    learned = build_model(apply_overrides(get_preset("smoke"), ["model.test_restarts=3", "model.slot_init=bo_qsa"]))
+    assert learned.eval().restarts() == 1  # learned queries: every draw would be the same

@@ -116,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from slotlab.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.split, args.checkpoint, args.limit, args.batch_size,
-                           args.device, seed=args.seed, iters=args.iters, draws=args.draws)
+                           args.device, seed=args.seed, iters=args.iters, draws=args.draws, restarts=args.restarts)
     print(json.dumps(metrics, indent=2))
 
 
@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=_count, default=0, metavar="T",
                    help="grouping iterations at test time (0 = the run's model.test_iters, else as trained); "
                         "results go to eval/<split>-<ckpt>-T<T>")
+    p.add_argument("--restarts", type=_count, default=0, metavar="R",
+                   help="R draws of the Gaussian initial slots per image, each image keeping the one whose decoder "
+                        "masks agree best with its attention masks (no labels; 0 = the run's model.test_restarts); "
+                        "results go to eval/<split>-<ckpt>-R<R>")
     p.add_argument("--seed", type=_count, default=0, metavar="S",
                    help="seed of the initial slots' noise (of the first draw); other than 0: eval/...-seed<S>")
     p.add_argument("--draws", type=_positive, default=1, metavar="N",

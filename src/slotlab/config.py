@@ -76,6 +76,9 @@ class ModelConfig:
     iters: int = _field(3, lo=1, hi=100)  # T, Slot Attention iterations
     # T outside training (validation, eval, generation); 0 = iters. More than in training often sharpens the slots
     test_iters: int = _field(0, lo=0, hi=100)
+    # R draws of the Gaussian initial slots outside training (restarts); each image keeps the draw whose decoder masks
+    # agree best with its attention masks (no labels). 1 = one draw; no effect with learned initial slots
+    test_restarts: int = _field(1, lo=1, hi=1000)
     eps: float = _field(1e-8, gt=0.0, hi=1.0)  # added to attention before the weighted mean
     # slot_attention | invariant_slot_attention (slots with frames, Biza et al. 2023) | slot_mixture | soft_kmeans
     grouping: str = _field("slot_attention", choices=("slot_attention", "invariant_slot_attention", "slot_mixture",

@@ -32,7 +32,7 @@ from slotlab.tasks import get_task, load_trained_model
 @torch.no_grad()
 def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0,
                  batch_size: int = 0, device: str = "auto", seed: int = 0, iters: int = 0,
-                 draws: int = 1) -> dict[str, Any]:
+                 draws: int = 1, restarts: int = 0) -> dict[str, Any]:
     """Score ``split`` of the run's dataset and save metrics and pictures under ``RUN_DIR/eval``.
 
     Args:
@@ -49,6 +49,9 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         draws: how many draws of the noise to score, with seeds ``seed``, ``seed + 1``, ...; with more than one,
             each numeric score is the mean over the draws, ``std`` holds the standard deviations and ``per_draw``
             every draw's scores. The pictures and ``per_image.csv`` show the first draw.
+        restarts: draws of the initial slots per image inside one forward pass, each image keeping the one whose
+            decoder masks agree best with its attention masks (0 = the run's ``model.test_restarts``); only runs
+            with Gaussian initial slots draw differently each time.
 
     Returns:
         The metrics dict written to ``eval/metrics.json``.
@@ -61,6 +64,8 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         raise UserError(f"iters must be 0 (the run's own test-time T) or positive, got {iters}")
     if draws < 1:
         raise UserError(f"draws must be 1 or more, got {draws}")
+    if restarts < 0:
+        raise UserError(f"restarts must be 0 (the run's own model.test_restarts) or positive, got {restarts}")
     if not 0 <= seed <= 2**64 - draws:  # torch.manual_seed takes 64-bit seeds
         raise UserError(f"seed must be 0 to 2**64 - draws, got {seed}")
     run_dir = Path(run_dir)
@@ -73,6 +78,15 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         iters = 0  # the run's own test-time number: the plain evaluation
     if iters:
         grouping.test_iters = iters
+    if restarts and not hasattr(model, "test_restarts"):
+        raise UserError(f"--restarts: the {config.task} model of {str(run_dir)!r} has no slot restarts to set")
+    if restarts and config.model.slot_init != "gaussian":
+        raise UserError(f"--restarts: {str(run_dir)!r} learns its initial slots (model.slot_init="
+                        f"{config.model.slot_init}), so every draw is the same; restarts need Gaussian slots")
+    if restarts == getattr(model, "test_restarts", None):
+        restarts = 0  # the run's own number: the plain evaluation
+    if restarts:
+        model.test_restarts = restarts
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
     if len(dataset) == 0:
@@ -80,11 +94,13 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     if dev.type == "cpu":
         keep_freed_memory()  # after the data: only the batches' tensors come and go from here on
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
-    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters, seed, draws)  # e.g. eval/val-best: others stay
+    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters, seed, draws, restarts)  # eval/val-best: others stay
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": split, "num_images": count, "checkpoint": checkpoint}
     if hasattr(grouping, "num_iters"):
         metrics["iters"] = grouping.num_iters  # model.eval(): the test-time T
+    if hasattr(model, "restarts"):
+        metrics["restarts"] = model.restarts()  # model.eval(): the draws each image's slots are chosen from
     start = time.perf_counter()
     scores = []  # one summary per draw
     for draw in range(draws):

@@ -272,13 +272,15 @@ def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
 
 
 def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0, iters: int = 0,
-             seed: int = 0, draws: int = 1) -> Path:
+             seed: int = 0, draws: int = 1, restarts: int = 0) -> Path:
     """Where ``slotlab eval`` keeps the results of one split, checkpoint, image count, number of test-time
-    iterations and slot draws: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit, ``-T<iters>`` with
-    iterations other than the run's own test-time ones, ``model.test_iters`` or else ``model.iters``, ``-seed<S>``
-    with another noise seed than 0, ``-draws<N>`` with more than one draw of the initial slots), e.g.
-    ``eval/val-best``, ``eval/val-best-T15`` or ``eval/val-best-draws5``."""
+    iterations, restarts and slot draws: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit,
+    ``-T<iters>`` with iterations other than the run's own test-time ones, ``model.test_iters`` or else
+    ``model.iters``, ``-R<restarts>`` with restarts other than the run's ``model.test_restarts``, ``-seed<S>`` with
+    another noise seed than 0, ``-draws<N>`` with more than one draw of the initial slots), e.g. ``eval/val-best``,
+    ``eval/val-best-T15``, ``eval/val-best-R8`` or ``eval/val-best-draws5``."""
     suffix = ((f"-first{limit}" if limit else "") + (f"-T{iters}" if iters else "")
+              + (f"-R{restarts}" if restarts else "")
               + (f"-seed{seed}" if seed else "") + (f"-draws{draws}" if draws > 1 else ""))
     return Path(run_dir) / "eval" / f"{split}-{checkpoint}{suffix}"
 

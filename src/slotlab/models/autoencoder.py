@@ -6,7 +6,7 @@ decoder: the decoder sees slots assembled from discrete codes and the loss adds 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -64,15 +64,36 @@ def upsample_decoded(decoded: DecoderOutput, side: int) -> DecoderOutput:
     return DecoderOutput(recon=recon, masks=masks, slot_recons=slot_recons)
 
 
+def mask_disagreement(masks: torch.Tensor, attn: torch.Tensor, feature_size: tuple[int, int]) -> torch.Tensor:
+    """Per image, the mean per-pixel cross-entropy ``[B]`` of the decoder's ``masks [B, K, H, W]`` against the
+    attention masks that ``attn [B, K, N]`` gives on the ``h x w`` grid ``feature_size`` (which pass no gradient)."""
+    target = attention_masks(attn.detach().float(), feature_size, tuple(masks.shape[-2:]))  # [B, K, H, W]
+    log_masks = masks.float().clamp_min(1e-6).log()  # [B, K, H, W]
+    return -(target * log_masks).sum(dim=1).mean(dim=(1, 2))  # [B]
+
+
 def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
     """Per-pixel cross-entropy of the decoder's masks against the attention masks (``model.mask_agreement``).
 
     The attention masks are the target and pass no gradient: the decoder learns to give each pixel to the slot that
     attended to it, instead of cutting an object between the slot that holds it and a spare one.
     """
-    target = attention_masks(out.attn.detach().float(), out.feature_size, tuple(out.masks.shape[-2:]))  # [B, K, H, W]
-    log_masks = out.masks.float().clamp_min(1e-6).log()  # [B, K, H, W]
-    return -(target * log_masks).sum(dim=1).mean()
+    return mask_disagreement(out.masks, out.attn, out.feature_size).mean()
+
+
+def pick_per_image(outputs: list, best: torch.Tensor):
+    """One output (a dataclass of ``[B, ...]`` tensors, lists of them or None) built from several: image ``i`` takes
+    every field from ``outputs[best[i]]``."""
+    rows = torch.arange(best.shape[0], device=best.device)  # [B]
+
+    def pick(values: list):
+        if values[0] is None:
+            return None
+        if isinstance(values[0], list):  # e.g. the attention of every iteration
+            return [pick(list(per_item)) for per_item in zip(*values, strict=True)]
+        return torch.stack(values)[best, rows]  # [R, B, ...] -> [B, ...]
+
+    return replace(outputs[0], **{f.name: pick([getattr(o, f.name) for o in outputs]) for f in fields(outputs[0])})
 
 
 class SlotAutoencoder(nn.Module):
@@ -113,6 +134,7 @@ class SlotAutoencoder(nn.Module):
                                                    octave_fade_steps=cfg.decoder_octave_fade,
                                                    slot_edges=cfg.decoder_slot_edges)
         self.num_slots = cfg.num_slots
+        self.test_restarts = cfg.test_restarts  # draws of the initial slots outside training (see restarts())
         # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
         # decode(), slot libraries, composition and mixing see one tensor.
         self.slot_size = cfg.slot_dim + (4 if self.frames else 0)
@@ -156,17 +178,58 @@ class SlotAutoencoder(nn.Module):
             raise UserError(f"vq.init_run={str(run)!r} is not a slot autoencoder of this shape (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]})")
 
-    def group(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
-        """``image [B, 3, H, W]`` -> continuous slots ``[B, K, D]`` and attention ``[B, K, N]``, and the grid size."""
+    def features(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``image [B, 3, H, W]`` -> the encoder's tokens ``[B, N, D_inputs]`` and their grid size ``(h, w)``."""
         if self.resolution != self.image_resolution:  # model.resolution: average the image down to the working side
             image = F.interpolate(image, size=(self.resolution, self.resolution), mode="area")  # [B, 3, r, r]
-        inputs, feature_size = self.encoder(image)  # [B, N, D_inputs]
+        return self.encoder(image)  # [B, N, D_inputs]
+
+    def group_features(self, inputs: torch.Tensor, feature_size: tuple[int, int],
+                       num_slots: int | None = None) -> GroupingOutput:
+        """The encoder's tokens ``[B, N, D_inputs]`` -> slots ``[B, K, D]`` (with their frames) and attention."""
         grouped = self.grouping(inputs, num_slots=num_slots, feature_size=feature_size)
         if self.attention_frame != "image":
             grouped = replace(grouped, **attention_frame(grouped.attn, feature_size, self.attention_frame))
         if self.frames:  # [B, K, D + 4]: the frame travels with the slot
             grouped = replace(grouped, slots=torch.cat([grouped.slots, grouped.positions, grouped.scales], dim=-1))
-        return grouped, feature_size
+        return grouped
+
+    def group(self, image: torch.Tensor, num_slots: int | None = None) -> tuple[GroupingOutput, tuple[int, int]]:
+        """``image [B, 3, H, W]`` -> continuous slots ``[B, K, D]`` and attention ``[B, K, N]``, and the grid size
+        (the slots of the chosen restart where :meth:`restarts` is more than 1)."""
+        if self.restarts() > 1:
+            grouped, feature_size, _ = self.group_and_decode(image, num_slots)
+            return grouped, feature_size
+        inputs, feature_size = self.features(image)
+        return self.group_features(inputs, feature_size, num_slots), feature_size
+
+    def restarts(self) -> int:
+        """How many draws of the initial slots a forward pass makes: ``model.test_restarts`` outside training when
+        the initial slots are drawn at random (Gaussian), else 1 (learned queries draw the same slots every time)."""
+        random_init = self.config.model.slot_init == "gaussian" and self.quantiser is None
+        return self.test_restarts if random_init and not self.training else 1
+
+    def group_and_decode(self, image: torch.Tensor, num_slots: int | None = None
+                         ) -> tuple[GroupingOutput, tuple[int, int], DecoderOutput]:
+        """Group and decode ``image [B, 3, H, W]``, with :meth:`restarts` draws of the initial slots.
+
+        Gaussian slots are drawn anew for every image, and some draws bind the objects better than others. With R
+        restarts the encoder runs once and Slot Attention and the decoder R times; each image keeps the draw whose
+        decoder masks agree best with its Slot Attention masks (lowest :func:`mask_disagreement`): the
+        self-consistent grouping, chosen without labels.
+        """
+        inputs, feature_size = self.features(image)
+        candidates = []
+        for _ in range(self.restarts()):
+            grouped = self.group_features(inputs, feature_size, num_slots)
+            candidates.append((grouped, self.decode(grouped.slots)))
+        if len(candidates) == 1:
+            return candidates[0][0], feature_size, candidates[0][1]
+        disagreement = torch.stack([mask_disagreement(decoded.masks, grouped.attn, feature_size)
+                                    for grouped, decoded in candidates])  # [R, B]
+        best = disagreement.argmin(dim=0)  # [B]
+        return (pick_per_image([grouped for grouped, _ in candidates], best), feature_size,
+                pick_per_image([decoded for _, decoded in candidates], best))
 
     def quantise(self, grouped: GroupingOutput, feature_size: tuple[int, int], step: int = 0) -> QuantiserOutput:
         """VQ-SA: discrete codes for the grouped slots (with their attention centres when ``vq.keep_position``)."""
@@ -204,13 +267,13 @@ class SlotAutoencoder(nn.Module):
 
     def forward(self, image: torch.Tensor, num_slots: int | None = None, step: int = 0) -> AutoencoderOutput:
         """Encode, (quantise,) decode; ``step`` sets the Gumbel-softmax temperature of VQ-SA runs."""
-        grouped, feature_size = self.group(image, num_slots)
         if self.quantiser is None:
-            decoded = self.decode(grouped.slots)
+            grouped, feature_size, decoded = self.group_and_decode(image, num_slots)
             return AutoencoderOutput(
                 recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
                 attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
             )
+        grouped, feature_size = self.group(image, num_slots)
         quantised = self.quantise(grouped, feature_size, step)
         decoded = self.decode(quantised.slots)
         return AutoencoderOutput(
