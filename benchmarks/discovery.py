@@ -7,6 +7,8 @@ exactly what a user types::
     slotlab eval RUNS/P-sS                                            # the full val split, best checkpoint
     slotlab eval RUNS/P-sS --iters T                                  # with --test-iters T only
     slotlab eval RUNS/P-sS --draws N                                  # with --draws N: N draws of the initial slots
+    slotlab eval RUNS/P-sS --restarts R                               # a run made before the preset's R restarts
+    slotlab eval RUNS/P-sS --restarts 1                               # with R > 1: the one-draw FG-ARI beside it
 
 and writes one table (dataset, budget, steps, images/s, FG-ARI, ARI, mIoU, mBO, MSE per seed, and the mean; FG-ARI of
 Slot Attention's own masks beside that of the decoder's; with ``--test-iters T`` both FG-ARIs again with T grouping
@@ -23,12 +25,17 @@ Usage::
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --test-iters 15
     .venv/bin/python benchmarks/discovery.py --presets tetrominoes-cpu --keep-others  # other presets' rows stay
     .venv/bin/python benchmarks/discovery.py --presets clevr6-cpu:2 --draws 5         # score 5 slot draws, mean +- sd
+    .venv/bin/python benchmarks/discovery.py --presets clevr6-cpu:0 --score-only --keep-others  # evaluate, no training
 
 With ``--keep-others`` the rows of the runs (preset and seed) not made this time are kept from the existing
 ``discovery.json``, each with the date and machine it was measured on (the table's "measured" column), so one
 benchmark, or one more seed of it, can be measured without re-running the others. A kept row may come from another
 day, machine or command line than the header's (the column says when and where): the preset's mean is over all of its
 rows.
+
+A preset with ``model.test_restarts`` R > 1 (``clevr6-cpu``: 8) scores each image with the best of R draws of its
+initial slots, chosen without labels; its rows also give the FG-ARI of one draw ("FG-ARI, 1 restart"). A run made
+before the preset had R is evaluated with ``--restarts R`` (R is a test-time key: :data:`TEST_TIME_MODEL_KEYS`).
 
 Slot Attention draws its initial slots anew for every image, so a score is one draw of that noise. With ``--draws N``
 every evaluation scores N draws (noise seeds 0 to N-1): the FG-ARI cells give their mean and standard deviation
@@ -101,6 +108,11 @@ TRAIN_KEYS = ("steps", "time_budget", "batch_size", "lr", "schedule", "warmup_st
               "min_lr", "decoder_lr_scale", "grad_clip", "seed", "precision")
 
 
+# Model keys that change only what the model does outside training: a run made with another value is evaluated with the
+# preset's (slotlab eval --restarts). Its in-training validation, and so its best checkpoint, ran with its own.
+TEST_TIME_MODEL_KEYS = ("test_restarts",)
+
+
 def stale_keys(run_dir: Path, preset: str, sets: list[str]) -> list[str]:
     """The model, data and training keys (:data:`TRAIN_KEYS`) where the run in ``run_dir`` differs from what
     ``preset`` with ``sets`` gives now (a run made before the preset changed, or a rehearsal's at a tenth of the
@@ -111,18 +123,26 @@ def stale_keys(run_dir: Path, preset: str, sets: list[str]) -> list[str]:
         found = config_to_dict(config_from_dict(json.loads((run_dir / "config.json").read_text())))
     except UserError as exc:  # a config that this slotlab refuses is not the preset's either
         return [str(exc)]
-    compared = {"model": wanted["model"], "data": {k: v for k, v in wanted["data"].items()
-                                                   if k not in DATA_LOCATION_KEYS},
+    compared = {"model": {k: v for k, v in wanted["model"].items() if k not in TEST_TIME_MODEL_KEYS},
+                "data": {k: v for k, v in wanted["data"].items() if k not in DATA_LOCATION_KEYS},
                 "train": {k: wanted["train"][k] for k in TRAIN_KEYS}}
     return [f"{section}.{key}={found[section][key]!r} (now {value!r})"
             for section, keys in compared.items() for key, value in keys.items() if found[section][key] != value]
 
 
-def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters: int = 0, draws: int = 1) -> dict:
-    """Train (or resume, or reuse) and evaluate one run; returns its row."""
+def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters: int = 0, draws: int = 1,
+            score_only: bool = False) -> dict:
+    """Train (or resume, or reuse) and evaluate one run; returns its row. With ``score_only`` the run is only
+    evaluated, as it is, and the row names the keys where it differs from the preset (``made_with``)."""
     run_dir = runs / f"{preset}-s{seed}"
     sets = [f"train.seed={seed}", *overrides]
-    if (run_dir / "checkpoints" / "last.pt").exists():
+    made_with = []
+    if score_only:
+        if not (run_dir / "checkpoints" / "last.pt").exists():
+            print(f"error: --score-only: {run_dir} holds no run", file=sys.stderr)
+            raise SystemExit(2)
+        made_with = stale_keys(run_dir, preset, sets)
+    elif (run_dir / "checkpoints" / "last.pt").exists():
         stale = stale_keys(run_dir, preset, sets)
         if stale:
             print(f"error: {run_dir} was made with another {preset}: {', '.join(stale)}; move it away to train the "
@@ -134,20 +154,28 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         for item in sets:
             args += ["--set", item]
         slotlab(*args)
-    several = ["--draws", str(draws)] if draws > 1 else []
-    slotlab("eval", str(run_dir), *several)
+    # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
+    config = json.loads((run_dir / "config.json").read_text())
     checkpoint = choose_checkpoint(run_dir, "best")
-    metrics = json.loads((eval_dir(run_dir, "val", checkpoint, draws=draws) / "metrics.json").read_text())
+    restarts = apply_overrides(get_preset(preset), sets).model.test_restarts
+    own_restarts = config["model"].get("test_restarts", 1)
+
+    def evaluation(iters: int = 0, with_restarts: int = restarts) -> dict:
+        """``slotlab eval`` of the run's val split with ``iters`` and ``with_restarts``; its metrics."""
+        asked = 0 if with_restarts == own_restarts else with_restarts  # the run's own: the plain evaluation
+        slotlab("eval", str(run_dir), *(["--iters", str(iters)] if iters else []),
+                *(["--restarts", str(asked)] if asked else []), *(["--draws", str(draws)] if draws > 1 else []))
+        folder = eval_dir(run_dir, "val", checkpoint, iters=iters, restarts=asked, draws=draws)
+        return json.loads((folder / "metrics.json").read_text())
+
+    metrics = evaluation()
     more = {}
     if test_iters == metrics.get("iters"):  # the run's own test-time T: the plain evaluation is that one
         more = metrics
     elif test_iters:
-        slotlab("eval", str(run_dir), "--iters", str(test_iters), *several)
-        more = json.loads((eval_dir(run_dir, "val", checkpoint, iters=test_iters, draws=draws)
-                           / "metrics.json").read_text())
+        more = evaluation(iters=test_iters)
+    one_draw = evaluation(with_restarts=1) if restarts > 1 else {}
     records = read_metrics(run_dir)
-    # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
-    config = json.loads((run_dir / "config.json").read_text())
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val" and "fg_ari" in r]
     speeds = [r["images_per_s"] for r in train[1:] or train if "images_per_s" in r]  # the first: start-up
@@ -164,7 +192,9 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         "test_iters_attn_fg_ari": more.get("attn_fg_ari"),
         "draws": draws, "fg_ari_std": metrics.get("std", {}).get("fg_ari"),
         "test_iters_fg_ari_std": more.get("std", {}).get("fg_ari"),
-        "num_val_images": metrics.get("num_images"),
+        "restarts": metrics.get("restarts"), "one_restart_fg_ari": one_draw.get("fg_ari"),
+        "one_restart_fg_ari_std": one_draw.get("std", {}).get("fg_ari"),
+        "num_val_images": metrics.get("num_images"), "made_with": made_with,
         "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
     }
 
@@ -187,14 +217,15 @@ def markdown(rows: list[dict], header: str) -> str:
     cell then says so); "attn" is of Slot Attention's masks; "T=n" of either with n iterations. Where a preset's runs
     were scored at different Ts, only the "T=n" columns have a mean."""
     test_iters = sorted({r["test_iters"] for r in rows if r.get("test_iters")})
-    extra = [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters]
+    restarted = any(r.get("one_restart_fg_ari") is not None for r in rows)  # rows scored with R > 1 restarts
+    extra = [" FG-ARI, 1 restart |"] * restarted + [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters]
     when = len({r.get("measured") for r in rows}) > 1  # rows kept from earlier runs: say when each was measured
     lines = [header, "", "| preset | seed | budget (min) | steps | images/s | FG-ARI | FG-ARI, attn masks |"
              + "".join(extra) + " ARI | mIoU | mBO | MSE | paper FG-ARI |" + (" measured |" if when else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(extra)
-             + " ---: | ---: | ---: | ---: | ---: |" + (" --- |" if when else "")]
-    names = ("fg_ari", "attn_fg_ari", *[f"{kind}T{t}" for t in test_iters for kind in ("", "attn ")], "ari", "miou",
-             "mbo", "mse")
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * restarted
+             + " ---: | ---: |" * len(test_iters) + " ---: | ---: | ---: | ---: | ---: |" + (" --- |" if when else "")]
+    names = ("fg_ari", "attn_fg_ari", *["one_restart_fg_ari"] * restarted,
+             *[f"{kind}T{t}" for t in test_iters for kind in ("", "attn ")], "ari", "miou", "mbo", "mse")
 
     def values(r: dict) -> dict:
         found = {name: r.get(name) for name in names}
@@ -208,13 +239,17 @@ def markdown(rows: list[dict], header: str) -> str:
         group = sorted((r for r in rows if r["preset"] == preset), key=lambda r: r["seed"])
         paper = PAPER_FG_ARI.get(group[0]["dataset"])
         scores = [values(r) for r in group]
-        one_t = len({r.get("iters") for r in group}) == 1  # else the plain columns mix two test-time conditions
+        # else the plain columns mix two test-time conditions
+        one_t = len({(r.get("iters"), r.get("restarts") or 1) for r in group}) == 1
         for r, found in zip(group, scores):
-            spread = {"fg_ari": r.get("fg_ari_std"), f"T{r.get('test_iters')}": r.get("test_iters_fg_ari_std")}
+            spread = {"fg_ari": r.get("fg_ari_std"), f"T{r.get('test_iters')}": r.get("test_iters_fg_ari_std"),
+                      "one_restart_fg_ari": r.get("one_restart_fg_ari_std")}
             cells = " | ".join(_score(v, 4 if name == "mse" else 3, spread.get(name)) for name, v in found.items())
             scored, trained = r.get("iters"), r.get("trained_iters")  # None in rows of older tables
-            at_test = None not in (scored, trained) and scored != trained
-            name = f"`{preset}`" + (f" (T={scored} at test)" if at_test else "")
+            at_test = [f"T={scored}"] * (None not in (scored, trained) and scored != trained)
+            restarts = r.get("restarts") or 1  # None in rows of older tables: one draw
+            at_test += [f"{restarts} restarts"] * (restarts > 1)
+            name = f"`{preset}`" + (f" ({', '.join(at_test)} at test)" if at_test else "")
             lines.append(f"| {name} | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
                          f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |"
                          + (f" {r.get('measured', '')} |" if when else ""))
@@ -222,11 +257,15 @@ def markdown(rows: list[dict], header: str) -> str:
             cells = []
             for name in names:
                 known = [found[name] for found in scores if found[name] is not None]
-                comparable = one_t or name.startswith(("T", "attn T"))  # a "T=n" column is at n in every row
+                comparable = one_t or name.startswith(("T", "attn T", "one_restart"))  # one condition in every row
                 mean = sum(known) / len(known) if len(known) == len(group) and comparable else None
                 cell = _score(mean, 4 if name == "mse" else 3)
                 cells.append(f"**{cell}**" if name == "fg_ari" and cell else cell)
             lines.append(f"| `{preset}` | mean | | | | {' | '.join(cells)} | |" + (" |" if when else ""))
+    for r in rows:
+        if r.get("made_with"):
+            lines += ["", f"`{r['preset']}` seed {r['seed']} was made with another config than the preset's now, and "
+                      f"only scored (`--score-only`): {', '.join(r['made_with'])}."]
     draw_counts = sorted({r.get("draws") or 1 for r in rows} - {1})
     if draw_counts:
         lines += ["", "A ± is the standard deviation over the draws of the initial slots a row was scored with "
@@ -269,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also score every run with T grouping iterations at test time (0 = no)")
     parser.add_argument("--draws", type=int, default=1, metavar="N",
                         help="score N draws of the initial slots (noise seeds 0..N-1): mean and standard deviation")
+    parser.add_argument("--score-only", action="store_true",
+                        help="only evaluate the runs as they are (no training); rows of runs made with another config "
+                             "than the preset's now name the keys that differ")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep the rows of runs (preset, seed) not made now from the existing discovery.json")
     args = parser.parse_args(argv)
@@ -289,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = list(args.set)
         if args.budget_scale != 1.0:
             overrides.append(f"train.time_budget={get_preset(preset).train.time_budget * args.budget_scale:g}")
-        rows.append(run_one(preset, seed, Path(args.runs), overrides, args.test_iters, args.draws))
+        rows.append(run_one(preset, seed, Path(args.runs), overrides, args.test_iters, args.draws, args.score_only))
         # written after every run, so that a stopped queue leaves the table of what finished
         (out / "discovery.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
         (out / "discovery.md").write_text(markdown(rows, header))

@@ -96,6 +96,7 @@ def test_a_run_made_with_an_older_preset_is_named_stale_and_the_presets_own_is_n
     assert discovery.stale_keys(tmp_path, "clevr6-cpu", sets) == []
     config["model"]["mask_agreement"] = 0.0  # the preset's value before it changed
     del config["model"]["mask_agreement_from"]  # a key the run's slotlab did not have counts at its default
+    del config["model"]["test_restarts"]  # a test-time key: the run is evaluated with the preset's value
     config["data"]["root"] = "/elsewhere"  # where the data is does not make another experiment
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert discovery.stale_keys(tmp_path, "clevr6-cpu", sets) == ["model.mask_agreement=0.0 (now 0.02)",
@@ -121,3 +122,25 @@ def test_rows_scored_over_several_slot_draws_show_the_spread_and_say_so():
     assert "| **0.829** |" in runs[2]  # the mean of the rows' scores
     assert "draws of the initial slots" in table.splitlines()[-1]
     assert "±" not in discovery.markdown([_row("clevr6-cpu", 0, 0.8)], "header")  # one draw: no note, no spread
+
+
+def test_rows_scored_with_restarts_say_so_and_give_the_one_draw_fg_ari_beside():
+    rows = [_row("clevr6-cpu", seed, fg, iters=7, trained_iters=3, restarts=8, one_restart_fg_ari=one)
+            for seed, fg, one in ((0, 0.897, 0.850), (1, 0.855, 0.818))]
+    rows.append(_row("tetrominoes-cpu", 0, 0.96, iters=7, trained_iters=7, restarts=1))
+    table = discovery.markdown(rows, "header").splitlines()
+    assert "| FG-ARI | FG-ARI, attn masks | FG-ARI, 1 restart | ARI |" in table[2]
+    assert table[3].count("---") == table[2].count("|") - 1  # a separator cell per column
+    lines = [line for line in table if line.startswith("| `")]
+    assert lines[0].startswith("| `tetrominoes-cpu` | 0 ") and "|  | 0.500 |" in lines[0]  # no one-draw cell
+    assert lines[1].startswith("| `clevr6-cpu` (T=7, 8 restarts at test) | 0 ") and "| 0.850 | 0.500 |" in lines[1]
+    assert any(line.startswith("| `clevr6-cpu` | mean | | | | **0.876** |  | 0.834 | 0.500 |") for line in table)
+
+
+def test_a_row_only_scored_names_what_its_run_was_made_with():
+    rows = [_row("clevr6-cpu", 0, 0.85, made_with=["model.mask_agreement_from=0.0 (now 0.25)"]),
+            _row("clevr6-cpu", 1, 0.82, made_with=[])]
+    table = discovery.markdown(rows, "header")
+    assert ("`clevr6-cpu` seed 0 was made with another config than the preset's now, and only scored "
+            "(`--score-only`): model.mask_agreement_from=0.0 (now 0.25).") in table
+    assert "seed 1 was made" not in table
