@@ -210,6 +210,8 @@ def test_eval_with_restarts_keeps_the_plain_evaluation_and_equals_a_run_with_tes
     with pytest.raises(UserError, match="model.slot_init=bo_qsa"):
         evaluate_run(learned, limit=10, batch_size=4, device="cpu", restarts=3)
     assert not (learned / "eval").exists()
+    assert evaluate_run(learned, limit=10, batch_size=4, device="cpu", restarts=1)["restarts"] == 1  # its own: plain
+    assert (learned / "eval" / "val-last-first10" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -423,5 +423,9 @@ def test_test_restarts_keep_each_images_most_self_consistent_draw():
         torch.testing.assert_close(out.attn_per_iter[0][i], singles[draw].attn_per_iter[0][i])
     torch.testing.assert_close(encoded.slots, out.slots)  # generation starts from the same chosen slots
     assert model.train().restarts() == 1  # training draws once
-    learned = build_model(apply_overrides(get_preset("smoke"), ["model.test_restarts=3", "model.slot_init=bo_qsa"]))
+    learned = build_model(apply_overrides(get_preset("smoke"), ["model.slot_init=bo_qsa"]))
+    learned.test_restarts = 3
     assert learned.eval().restarts() == 1  # learned queries: every draw would be the same
+    for refused in (["model.slot_init=bo_qsa"], ["model.quantiser=vq"], ["task=slate"]):
+        with pytest.raises(UserError, match="model.test_restarts=3"):  # where restarts would do nothing
+            apply_overrides(get_preset("smoke"), ["model.test_restarts=3", *refused])

@@ -844,8 +844,23 @@ def model_resolution(config: Config) -> int:
 TASKS_WITH_DECODER = ("autoencoder", "dvae")
 
 
+def restarts_unavailable(config: Config) -> str:
+    """Why the model of ``config`` cannot restart from other draws of its initial slots (``model.test_restarts``),
+    or "" where it can: only a slot autoencoder with Gaussian initial slots and no quantiser draws them at random."""
+    model = config.model
+    if config.task != "autoencoder" or model.quantiser != "none":
+        quantised = f" with model.quantiser={model.quantiser}" if model.quantiser != "none" else ""
+        return f"is a {config.task} run{quantised}; restarts need a slot autoencoder without a quantiser"
+    if model.slot_init != "gaussian":
+        return (f"learns its initial slots (model.slot_init={model.slot_init}), so every draw is the same; restarts "
+                "need Gaussian initial slots")
+    return ""
+
+
 def _check_relations(config: Config) -> None:
     data, model, train = config.data, config.model, config.train
+    if model.test_restarts > 1 and restarts_unavailable(config):
+        raise UserError(f"model.test_restarts={model.test_restarts}: this model {restarts_unavailable(config)}")
     if model.background_grid and (config.task != "autoencoder" or model.decoder_kind != "cnn"
                                   or model.slot_init == "gaussian" or model.background_grid > model_resolution(config)):
         raise UserError(f"model.background_grid={model.background_grid} needs task=autoencoder, "

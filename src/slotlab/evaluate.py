@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slotlab.config import restarts_unavailable
 from slotlab.data import build_dataset
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
@@ -78,14 +79,12 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         iters = 0  # the run's own test-time number: the plain evaluation
     if iters:
         grouping.test_iters = iters
-    if restarts and not hasattr(model, "test_restarts"):
-        raise UserError(f"--restarts: the {config.task} model of {str(run_dir)!r} has no slot restarts to set")
-    if restarts and config.model.slot_init != "gaussian":
-        raise UserError(f"--restarts: {str(run_dir)!r} learns its initial slots (model.slot_init="
-                        f"{config.model.slot_init}), so every draw is the same; restarts need Gaussian slots")
-    if restarts == getattr(model, "test_restarts", None):
-        restarts = 0  # the run's own number: the plain evaluation
+    if restarts == getattr(model, "test_restarts", 1):
+        restarts = 0  # the run's own number (one draw where the model has none): the plain evaluation
     if restarts:
+        why = restarts_unavailable(config)
+        if why:
+            raise UserError(f"--restarts: {str(run_dir)!r} {why}")
         model.test_restarts = restarts
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)

@@ -81,19 +81,18 @@ def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
     return mask_disagreement(out.masks, out.attn, out.feature_size).mean()
 
 
-def pick_per_image(outputs: list, best: torch.Tensor):
-    """One output (a dataclass of ``[B, ...]`` tensors, lists of them or None) built from several: image ``i`` takes
-    every field from ``outputs[best[i]]``."""
-    rows = torch.arange(best.shape[0], device=best.device)  # [B]
+def where_per_image(better: torch.Tensor, new, old):
+    """One output (a dataclass of ``[B, ...]`` tensors, lists of them or None) from two: image ``i`` takes every
+    field from ``new`` where ``better[i]`` (``[B]`` bool), else from ``old``."""
 
-    def pick(values: list):
-        if values[0] is None:
+    def choose(new_value, old_value):
+        if new_value is None:
             return None
-        if isinstance(values[0], list):  # e.g. the attention of every iteration
-            return [pick(list(per_item)) for per_item in zip(*values, strict=True)]
-        return torch.stack(values)[best, rows]  # [R, B, ...] -> [B, ...]
+        if isinstance(new_value, list):  # e.g. the attention of every iteration
+            return [choose(n, o) for n, o in zip(new_value, old_value, strict=True)]
+        return torch.where(better.view(-1, *[1] * (new_value.dim() - 1)), new_value, old_value)  # [B, ...]
 
-    return replace(outputs[0], **{f.name: pick([getattr(o, f.name) for o in outputs]) for f in fields(outputs[0])})
+    return replace(old, **{f.name: choose(getattr(new, f.name), getattr(old, f.name)) for f in fields(old)})
 
 
 class SlotAutoencoder(nn.Module):
@@ -219,17 +218,21 @@ class SlotAutoencoder(nn.Module):
         self-consistent grouping, chosen without labels.
         """
         inputs, feature_size = self.features(image)
-        candidates = []
-        for _ in range(self.restarts()):
-            grouped = self.group_features(inputs, feature_size, num_slots)
-            candidates.append((grouped, self.decode(grouped.slots)))
-        if len(candidates) == 1:
-            return candidates[0][0], feature_size, candidates[0][1]
-        disagreement = torch.stack([mask_disagreement(decoded.masks, grouped.attn, feature_size)
-                                    for grouped, decoded in candidates])  # [R, B]
-        best = disagreement.argmin(dim=0)  # [B]
-        return (pick_per_image([grouped for grouped, _ in candidates], best), feature_size,
-                pick_per_image([decoded for _, decoded in candidates], best))
+        grouped = self.group_features(inputs, feature_size, num_slots)
+        decoded = self.decode(grouped.slots)
+        restarts = self.restarts()
+        if restarts == 1:
+            return grouped, feature_size, decoded
+        lowest = mask_disagreement(decoded.masks, grouped.attn, feature_size)  # [B], of the draw kept so far
+        for _ in range(restarts - 1):  # keeps one draw per image at a time: the memory of two forward passes
+            other = self.group_features(inputs, feature_size, num_slots)
+            other_decoded = self.decode(other.slots)
+            disagreement = mask_disagreement(other_decoded.masks, other.attn, feature_size)  # [B]
+            better = disagreement < lowest  # [B]; a tie keeps the earlier draw
+            grouped = where_per_image(better, other, grouped)
+            decoded = where_per_image(better, other_decoded, decoded)
+            lowest = torch.minimum(lowest, disagreement)
+        return grouped, feature_size, decoded
 
     def quantise(self, grouped: GroupingOutput, feature_size: tuple[int, int], step: int = 0) -> QuantiserOutput:
         """VQ-SA: discrete codes for the grouped slots (with their attention centres when ``vq.keep_position``)."""
