@@ -251,3 +251,14 @@ def test_evaluations_of_other_splits_and_checkpoints_are_kept_and_the_report_say
     assert (run_dir / "eval" / "val-last" / "metrics.json").is_file()
     assert main(["report", str(run_dir)]) == 0
     assert "## Metrics (eval/val-best: val split, 8 images, checkpoint best)" in (run_dir / "report.md").read_text()
+
+
+def test_report_and_compare_say_when_scores_are_the_best_of_restarts_and_a_mean_of_draws(tmp_path, capsys):
+    from slotlab.report.compare import compare_runs
+
+    run_dir = untrained_run(tmp_path / "run", ["model.test_iters=5"])
+    evaluate_run(run_dir, limit=4, batch_size=4, device="cpu", restarts=3, draws=2)  # the run's only evaluation
+    assert main(["report", str(run_dir)]) == 0
+    assert ("## Metrics (eval/val-last-first4-R3-draws2: val split, 4 images, checkpoint last, T=5, best of 3 "
+            "restarts, mean of 2 draws)") in (run_dir / "report.md").read_text()
+    assert "| val 4 img, last, T=5, best of 3 restarts, mean of 2 draws |" in compare_runs([run_dir])

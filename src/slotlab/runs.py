@@ -285,6 +285,20 @@ def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit:
     return Path(run_dir) / "eval" / f"{split}-{checkpoint}{suffix}"
 
 
+def scoring_conditions(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """How an evaluation's ``metrics`` were scored, where it differs from one pass of the trained model (``config``
+    as a dict): ``T=<n>`` (test-time iterations), ``best of <R> restarts`` (``--restarts``, ``model.test_restarts``),
+    ``mean of <N> draws`` (``--draws``)."""
+    conditions = []
+    if metrics.get("iters") not in (None, config.get("model", {}).get("iters")):  # model.test_iters or eval --iters
+        conditions.append(f"T={metrics['iters']}")
+    if (metrics.get("restarts") or 1) > 1:
+        conditions.append(f"best of {metrics['restarts']} restarts")
+    if (metrics.get("draws") or 1) > 1:  # the scores are means over N draws of the initial slots
+        conditions.append(f"mean of {metrics['draws']} draws")
+    return conditions
+
+
 def find_eval(run_dir: Path) -> Path | None:
     """The evaluation a report shows: the full val split of the best checkpoint when there is one, else the latest
     evaluation (or the single ``eval/`` folder of runs evaluated by an older slotlab)."""

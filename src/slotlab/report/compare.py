@@ -19,7 +19,7 @@ from typing import Any
 from slotlab.config import flatten_config
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
-from slotlab.runs import find_eval
+from slotlab.runs import find_eval, scoring_conditions
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,7 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
     evaluation = sources["eval"]
     scored = (f"{evaluation.get('split', '?')} {evaluation.get('num_images', '?')} img, "
               f"{evaluation.get('checkpoint', '?')}") if evaluation else "-"
-    trained_iters = config.get("model", {}).get("iters")
-    if evaluation and evaluation.get("iters") not in (None, trained_iters):  # model.test_iters or eval --iters
-        scored += f", T={evaluation['iters']}"
-    if evaluation.get("draws", 1) > 1:  # eval --draws N: the scores are means over N draws of the initial slots
-        scored += f", mean of {evaluation['draws']} draws"
+    scored += "".join(f", {condition}" for condition in scoring_conditions(evaluation, config))
     row: dict[str, Any] = {"name": run_dir.name, "model": _describe(config), "steps": steps,
                            "wall_time_s": training_time(records, batch_size), "evaluated": scored, "config": config}
     for column in METRIC_COLUMNS:

@@ -36,7 +36,7 @@ from typing import Any
 
 from slotlab.errors import UserError
 from slotlab.io import atomic_write_text
-from slotlab.runs import find_eval
+from slotlab.runs import find_eval, scoring_conditions
 
 # What each number means, shown next to it.
 METRIC_NOTES = {
@@ -187,12 +187,14 @@ def _collect(run_dir: Path) -> dict[str, Any]:
 
 
 def _eval_source(report: dict[str, Any]) -> str:
-    """Which evaluation the metrics come from, e.g. ``eval/val-best: val split, 500 images, checkpoint best``."""
+    """Which evaluation the metrics come from, e.g. ``eval/val-best: val split, 500 images, checkpoint best``, and how
+    it was scored where that differs from one pass of the trained model (e.g. ``, T=7, best of 8 restarts``)."""
     metrics = report["metrics"]
     if not metrics:
         return ""
     return (f"{report['eval_name']}: {metrics.get('split', '?')} split, {metrics.get('num_images', '?')} images, "
-            f"checkpoint {metrics.get('checkpoint', '?')}")
+            f"checkpoint {metrics.get('checkpoint', '?')}"
+            + "".join(f", {condition}" for condition in scoring_conditions(metrics, report["config"])))
 
 
 # ------------------------------------------------------------------------------------------------ formatting
