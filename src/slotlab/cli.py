@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,9 @@ def _positive(text: str) -> int:
 
 def _checkpoint(text: str) -> str:
     """An argparse type: a checkpoint name, ``last``, ``best`` or a snapshot ``step-<N>`` (``train.keep_every``)."""
-    if text in ("last", "best") or re.fullmatch(r"step-[0-9]+", text):
+    from slotlab.runs import KEPT_NAME
+
+    if text in ("last", "best") or KEPT_NAME.fullmatch(text):
         return text
     raise argparse.ArgumentTypeError(f"expected last, best or step-<N>, got {text!r}")
 

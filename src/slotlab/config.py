@@ -859,8 +859,9 @@ def restarts_unavailable(config: Config) -> str:
 
 def _check_relations(config: Config) -> None:
     data, model, train = config.data, config.model, config.train
-    if model.test_restarts > 1 and restarts_unavailable(config):
-        raise UserError(f"model.test_restarts={model.test_restarts}: this model {restarts_unavailable(config)}")
+    no_restarts = restarts_unavailable(config)
+    if model.test_restarts > 1 and no_restarts:
+        raise UserError(f"model.test_restarts={model.test_restarts}: this model {no_restarts}")
     if model.background_grid and (config.task != "autoencoder" or model.decoder_kind != "cnn"
                                   or model.slot_init == "gaussian" or model.background_grid > model_resolution(config)):
         raise UserError(f"model.background_grid={model.background_grid} needs task=autoencoder, "

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slotlab.config import Config, model_resolution
+from slotlab.config import Config, model_resolution, restarts_unavailable
 from slotlab.errors import UserError
 from slotlab.models.broadcast_decoder import BackgroundDecoder, DecoderOutput, SpatialBroadcastDecoder, compose
 from slotlab.models.encoders import ImageEncoder
@@ -205,7 +205,7 @@ class SlotAutoencoder(nn.Module):
     def restarts(self) -> int:
         """How many draws of the initial slots a forward pass makes: ``model.test_restarts`` outside training when
         the initial slots are drawn at random (Gaussian), else 1 (learned queries draw the same slots every time)."""
-        random_init = self.config.model.slot_init == "gaussian" and self.quantiser is None
+        random_init = not restarts_unavailable(self.config)
         return self.test_restarts if random_init and not self.training else 1
 
     def group_and_decode(self, image: torch.Tensor, num_slots: int | None = None
