@@ -195,6 +195,7 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         "restarts": metrics.get("restarts"), "one_restart_fg_ari": one_draw.get("fg_ari"),
         "one_restart_fg_ari_std": one_draw.get("std", {}).get("fg_ari"),
         "num_val_images": metrics.get("num_images"), "made_with": made_with,
+        "recon_masks": config["model"].get("recon_masks", "decoder"), "decoder_fg_ari": metrics.get("decoder_fg_ari"),
         "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
     }
 
@@ -218,13 +219,15 @@ def markdown(rows: list[dict], header: str) -> str:
     were scored at different Ts, only the "T=n" columns have a mean."""
     test_iters = sorted({r["test_iters"] for r in rows if r.get("test_iters")})
     restarted = any(r.get("one_restart_fg_ari") is not None for r in rows)  # rows scored with R > 1 restarts
-    extra = [" FG-ARI, 1 restart |"] * restarted + [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters]
+    own_masks = any(r.get("decoder_fg_ari") is not None for r in rows)  # images composed with the attention masks
+    extra = ([" FG-ARI, 1 restart |"] * restarted + [" FG-ARI, decoder's own masks |"] * own_masks
+             + [f" FG-ARI, T={t} | attn, T={t} |" for t in test_iters])
     when = len({r.get("measured") for r in rows}) > 1  # rows kept from earlier runs: say when each was measured
     lines = [header, "", "| preset | seed | budget (min) | steps | images/s | FG-ARI | FG-ARI, attn masks |"
              + "".join(extra) + " ARI | mIoU | mBO | MSE | paper FG-ARI |" + (" measured |" if when else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * restarted
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (restarted + own_masks)
              + " ---: | ---: |" * len(test_iters) + " ---: | ---: | ---: | ---: | ---: |" + (" --- |" if when else "")]
-    names = ("fg_ari", "attn_fg_ari", *["one_restart_fg_ari"] * restarted,
+    names = ("fg_ari", "attn_fg_ari", *["one_restart_fg_ari"] * restarted, *["decoder_fg_ari"] * own_masks,
              *[f"{kind}T{t}" for t in test_iters for kind in ("", "attn ")], "ari", "miou", "mbo", "mse")
 
     def values(r: dict) -> dict:
@@ -250,6 +253,8 @@ def markdown(rows: list[dict], header: str) -> str:
             restarts = r.get("restarts") or 1  # None in rows of older tables: one draw
             at_test += [f"{restarts} restarts"] * (restarts > 1)
             name = f"`{preset}`" + (f" ({', '.join(at_test)} at test)" if at_test else "")
+            if r.get("recon_masks") == "attention":
+                name += " (attention masks compose the image)"
             lines.append(f"| {name} | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
                          f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |"
                          + (f" {r.get('measured', '')} |" if when else ""))

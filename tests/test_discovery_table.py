@@ -144,3 +144,16 @@ def test_a_row_only_scored_names_what_its_run_was_made_with():
     assert ("`clevr6-cpu` seed 0 was made with another config than the preset's now, and only scored "
             "(`--score-only`): model.mask_agreement_from=0.0 (now 0.25).") in table
     assert "seed 1 was made" not in table
+
+
+def test_rows_composed_with_the_attention_masks_say_so_and_give_the_decoders_own_masks_beside():
+    rows = [_row("multi-dsprites-cpu", 0, 0.78, attn_fg_ari=0.78, recon_masks="attention", decoder_fg_ari=0.31),
+            _row("tetrominoes-cpu", 0, 0.96, recon_masks="decoder")]
+    table = discovery.markdown(rows, "header").splitlines()
+    assert "| FG-ARI | FG-ARI, attn masks | FG-ARI, decoder's own masks | ARI |" in table[2]
+    assert table[3].count("---") == table[2].count("|") - 1
+    lines = [line for line in table if line.startswith("| `")]
+    assert lines[0].startswith("| `tetrominoes-cpu` | 0 ") and lines[0].count("|") == table[2].count("|")
+    assert lines[1].startswith("| `multi-dsprites-cpu` (attention masks compose the image) | 0 ")
+    assert "| 0.780 | 0.780 | 0.310 | 0.500 |" in lines[1]
+    assert "decoder's own" not in discovery.markdown(rows[1:], "header")  # no such row: no column

@@ -100,6 +100,36 @@ def test_eval_scores_slot_attention_masks_beside_the_decoder_masks():
         assert scores[name] == pytest.approx(decoder.compute()[name], abs=1e-6), name
         assert scores[f"attn_{name}"] == pytest.approx(attention.compute()[name], abs=1e-6), name
     assert scores["attn_fg_ari"] != scores["fg_ari"]  # two different sets of masks
+    assert "decoder_fg_ari" not in scores  # the decoder's masks are the scored ones
+
+
+def test_evaluator_scores_the_decoder_masks_where_the_attention_composes_the_image():
+    """model.recon_masks=attention: ``fg_ari`` scores the masks the image is composed with (the attention's) and
+    ``decoder_fg_ari`` the decoder's own, with which it draws from slots alone."""
+    from slotlab.data import build_dataset
+    from slotlab.metrics import ObjectDiscoveryMetrics
+    from slotlab.tasks.autoencoder import ObjectDiscoveryEvaluator
+
+    config = apply_overrides(get_preset("smoke"), ["data.num_val=8", "model.recon_masks=attention"])
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    evaluator = ObjectDiscoveryEvaluator(model, attention_scores=True)
+    composed, own = ObjectDiscoveryMetrics(), ObjectDiscoveryMetrics()
+    for _, batch in build_dataset(config.data, "val").batches(8, 4, torch.device("cpu")):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = model(batch["image"])
+        composed.update(out.masks, batch["mask"])
+        own.update(out.decoder_masks, batch["mask"])
+        torch.manual_seed(1)
+        with torch.no_grad():
+            evaluator.update(batch, None)
+    scores = evaluator.summary()
+    for name in ("ari", "fg_ari", "miou", "mbo"):
+        assert scores[name] == pytest.approx(composed.compute()[name], abs=1e-6), name
+        assert scores[f"attn_{name}"] == pytest.approx(composed.compute()[name], abs=1e-6), name
+        assert scores[f"decoder_{name}"] == pytest.approx(own.compute()[name], abs=1e-6), name
+    assert scores["decoder_fg_ari"] != scores["fg_ari"]
 
 
 def test_eval_saves_galleries(evaluated_run):

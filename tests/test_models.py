@@ -392,6 +392,61 @@ def test_mask_agreement_starts_at_its_fraction_of_training():
     torch.testing.assert_close(loss, logs["mse"] + 0.5 * logs["mask_agreement"])
 
 
+def test_attention_recon_masks_compose_the_slot_images_with_the_attention():
+    """model.recon_masks=attention: the reconstruction is the decoder's slot images weighted by the attention masks,
+    so the MSE reaches the attention itself; the decoder's own masks (drawing from slots alone) are handed out and
+    learn the attention's through the mask agreement."""
+    from dataclasses import replace
+
+    from slotlab.models.autoencoder import mask_agreement
+    from slotlab.models.slot_attention import attention_masks
+
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    config = apply_overrides(get_preset("smoke"), ["model.recon_masks=attention", "model.mask_agreement=0.5"])
+    model = build_model(config).train()
+    torch.manual_seed(0)
+    out = model(image)
+    target = attention_masks(out.attn, out.feature_size, (16, 16))  # [B, K, H, W]
+    torch.testing.assert_close(out.masks, target)
+    torch.testing.assert_close(out.recon, (target.unsqueeze(2) * out.slot_recons).sum(dim=1))
+    torch.testing.assert_close(model.decode(out.slots).masks, out.decoder_masks)  # from slots alone: the decoder's
+    assert not torch.allclose(out.decoder_masks, out.masks)
+    torch.testing.assert_close(mask_agreement(out), mask_agreement(replace(out, masks=out.decoder_masks,
+                                                                           decoder_masks=None)))
+    out.attn.retain_grad()
+    torch.nn.functional.mse_loss(out.recon, image).backward()
+    assert out.attn.grad is not None and out.attn.grad.any()
+    # The paper's model: the last attention reaches the MSE only through the slots it updated, not as masks.
+    plain = build_model(get_preset("smoke")).train()
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    plain_out = plain(image)
+    torch.testing.assert_close(plain_out.masks, out.decoder_masks)
+    assert plain_out.decoder_masks is None
+    with pytest.raises(UserError, match="model.recon_masks=attention"):
+        apply_overrides(get_preset("vqsa-smoke"), ["model.recon_masks=attention"])
+
+
+def test_slot_rgb_grid_draws_each_slot_in_smooth_colours_with_the_decoder_masks():
+    """model.slot_rgb_grid=G: each slot's RGB comes from a G x G map upsampled (one colour per slot at G=1), its
+    mask from the broadcast decoder; refused where there is no broadcast decoder of slots in image coordinates."""
+    config = apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=1"])
+    model = build_model(config).eval()
+    slots = torch.randn(2, 3, 16)
+    decoded = model.decode(slots)
+    colours = decoded.slot_recons.flatten(3)  # [B, K, 3, H*W]
+    torch.testing.assert_close(colours, colours[..., :1].expand_as(colours))  # one colour per slot
+    _, mask_logits = model.decoder.draw(slots)
+    torch.testing.assert_close(decoded.masks, mask_logits.softmax(dim=1))
+    torch.testing.assert_close(decoded.recon, (decoded.masks.unsqueeze(2) * decoded.slot_recons).sum(dim=1))
+    smooth = build_model(apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=4"])).eval()
+    colours = smooth.decode(slots).slot_recons  # [B, K, 3, 16, 16], bilinear from 4 x 4
+    assert not torch.allclose(colours[..., 0, 0], colours[..., 15, 15])
+    for bad in (["model.decoder_kind=mlp"], ["model.grouping=invariant_slot_attention"], ["model.slot_rgb_grid=17"]):
+        with pytest.raises(UserError, match="model.slot_rgb_grid"):
+            apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=1", *bad])
+
+
 def test_mask_agreement_needs_the_whole_image_decoded():
     with pytest.raises(UserError, match="model.mask_agreement"):
         apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.1", "model.decoder_kind=mlp",

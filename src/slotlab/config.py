@@ -107,11 +107,20 @@ class ModelConfig:
     # A background slot: slot 0 (the first learned query) is drawn by its own decoder on a background_grid x
     # background_grid map upsampled bilinearly: smooth, so it cannot take a small object. 0 = no background slot.
     background_grid: int = _field(0, lo=0, hi=1024)
+    # Each slot's RGB drawn smooth, on a slot_rgb_grid x slot_rgb_grid map upsampled bilinearly (1 = one colour per
+    # slot), its mask logit still by the broadcast decoder; 0 = the broadcast decoder draws both. A slot can then not
+    # paint two objects of different colours, or an object and the background, at once.
+    slot_rgb_grid: int = _field(0, lo=0, hi=1024)
     # Weight of a loss teaching the decoder's masks the attention masks (per-pixel cross-entropy, the attention
     # passing no gradient), from the fraction mask_agreement_from of training on: late in training, where the
     # attention has bound and the decoder cuts objects between slots. 0 = off.
     mask_agreement: float = _field(0.0, lo=0.0)
     mask_agreement_from: float = _field(0.0, lo=0.0, hi=1.0)
+    # Masks the reconstruction is composed with: decoder (the paper: the decoder's alpha masks) | attention (Slot
+    # Attention's masks of the last iteration, upsampled, with each slot's RGB from the decoder: the reconstruction
+    # loss then shapes the attention itself; the decoder's own masks, for drawing from slots alone, learn from the
+    # attention's through model.mask_agreement)
+    recon_masks: str = _field("decoder", choices=("decoder", "attention"))
     # Decoder position embedding: 0 = the paper's linear map of (x, y, 1-x, 1-y); L > 0 = Fourier features of
     # (x, y) with L octaves (in each slot's frame under invariant slot attention), for sharp edges sooner
     decoder_octaves: int = _field(0, lo=0, hi=16)
@@ -351,14 +360,20 @@ def _tetrominoes_cpu() -> Config:
 def _multi_dsprites_cpu() -> Config:
     """Multi-dSprites (64x64, 2-5 coloured sprites on grey, K=6) on two CPU cores in a 60-minute training budget.
 
-    bf16 autocast as in ``tetrominoes-cpu``: the full-resolution decoder at 64x64 is memory-bound.
+    bf16 autocast as in ``tetrominoes-cpu``; the slot autoencoder works at 32x32 (``model.resolution``). The image is
+    composed with Slot Attention's own masks (``model.recon_masks=attention``) and one colour per slot
+    (``model.slot_rgb_grid=1``): the reconstruction loss shapes the attention directly, which follows each sprite's
+    outline from the first steps, where the broadcast decoder's masks were round blobs after an hour; a slot of one
+    colour cannot paint two sprites. The decoder's own masks learn the attention's (``model.mask_agreement``) for
+    drawing from slots alone. docs/discovery/levers.md, fifteenth session.
     """
     return Config(
         data=DataConfig(name="multi_dsprites", resolution=64, num_train=60_000, num_val=320, min_objects=2,
                         max_objects=5),
         model=ModelConfig(encoder_channels=32, input_dim=32, num_slots=6, slot_dim=64, slot_hidden_dim=128,
-                          decoder_channels=32, decoder_grid=64, decoder_layers=3, decoder_kernel=3,
-                          slot_init="bo_qsa", iters=7),
+                          decoder_channels=32, decoder_grid=32, decoder_layers=3, decoder_kernel=3, resolution=32,
+                          slot_init="bo_qsa", iters=7, recon_masks="attention", slot_rgb_grid=1,
+                          mask_agreement=0.02),
         train=TrainConfig(steps=1_000_000, time_budget=60.0, batch_size=32, lr=4e-4, schedule="warmup_cosine",
                           warmup_steps=200, val_every=500, val_batches=10, log_every=50, ckpt_every=250,
                           precision="bf16"),
@@ -376,9 +391,9 @@ def _clevr6_cpu() -> Config:
     attention has bound better than the decoder draws (FG-ARI 0.84 against 0.73), and the decoder cuts objects
     between two slots. Outside training each image's slots are the best of 8 draws of the initial slots
     (``model.test_restarts``): the draw whose decoder masks agree best with its attention masks, chosen without
-    labels. Three seeds, val FG-ARI (decoder masks, T=7): 0.897 / 0.855 / 0.869 with the 8 restarts (mean 0.874; test
-    0.897 / 0.853 / 0.866), 0.850 / 0.818 / 0.795 with one draw (mean 0.821). docs/discovery/levers.md has the runs
-    behind each choice.
+    labels. Four seeds, val FG-ARI (decoder masks, T=7): 0.897 / 0.855 / 0.869 / 0.899 with the 8 restarts (mean
+    0.880; test 0.897 / 0.853 / 0.866 / 0.894), 0.850 / 0.818 / 0.795 / 0.848 with one draw (mean 0.828).
+    docs/discovery/levers.md has the runs behind each choice.
     """
     return Config(
         data=DataConfig(name="clevr6", resolution=64, num_train=40_000, num_val=320, min_objects=3, max_objects=6),
@@ -871,6 +886,17 @@ def _check_relations(config: Config) -> None:
     if model.mask_agreement and (config.task != "autoencoder" or model.decoder_pixels < 1):
         raise UserError(f"model.mask_agreement={model.mask_agreement} needs task=autoencoder with the whole image "
                         f"decoded (task={config.task}, model.decoder_pixels={model.decoder_pixels})")
+    if model.slot_rgb_grid and (config.task != "autoencoder" or model.decoder_kind != "cnn" or model.background_grid
+                                or model.grouping == "invariant_slot_attention" or model.decoder_frame != "image"
+                                or model.slot_rgb_grid > model_resolution(config)):
+        raise UserError(f"model.slot_rgb_grid={model.slot_rgb_grid} needs task=autoencoder, model.decoder_kind=cnn "
+                        f"drawing in image coordinates, no background slot and a grid no larger than the model's side "
+                        f"{model_resolution(config)}")
+    if model.recon_masks == "attention" and (config.task != "autoencoder" or model.decoder_pixels < 1
+                                             or model.quantiser != "none"):
+        raise UserError(f"model.recon_masks=attention needs task=autoencoder with the whole image decoded and no "
+                        f"quantiser (task={config.task}, model.decoder_pixels={model.decoder_pixels}, "
+                        f"model.quantiser={model.quantiser})")
     if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:

@@ -39,6 +39,8 @@ class AutoencoderOutput:
     code_logits: torch.Tensor | None = None  # [B, K, L, M]
     kl: torch.Tensor | None = None  # scalar KL(q(z|x) || uniform)
     positions: torch.Tensor | None = None  # [B, K, 2] slot centres passed through unquantised (vq.keep_position)
+    # model.recon_masks=attention: ``masks`` are the attention's, and these the decoder's own [B, K, H, W]
+    decoder_masks: torch.Tensor | None = None
 
 
 def attention_frame(attn: torch.Tensor, feature_size: tuple[int, int], kind: str) -> dict[str, torch.Tensor]:
@@ -78,7 +80,8 @@ def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
     The attention masks are the target and pass no gradient: the decoder learns to give each pixel to the slot that
     attended to it, instead of cutting an object between the slot that holds it and a spare one.
     """
-    return mask_disagreement(out.masks, out.attn, out.feature_size).mean()
+    masks = out.masks if out.decoder_masks is None else out.decoder_masks  # [B, K, H, W], the decoder's own
+    return mask_disagreement(masks, out.attn, out.feature_size).mean()
 
 
 def where_per_image(better: torch.Tensor, new, old):
@@ -149,6 +152,9 @@ class SlotAutoencoder(nn.Module):
         # other runs draw the same weights).
         self.background = (BackgroundDecoder(cfg.slot_dim, self.resolution, cfg.background_grid, cfg.slot_hidden_dim)
                            if cfg.background_grid else None)
+        # model.slot_rgb_grid: each slot's colours drawn smooth (one colour per slot at 1), its mask by the decoder.
+        self.slot_rgb = (BackgroundDecoder(cfg.slot_dim, self.resolution, cfg.slot_rgb_grid, cfg.slot_hidden_dim)
+                         if cfg.slot_rgb_grid else None)
         if self.background is not None and self.frames:
             raise UserError(f"model.background_grid is not available with slot frames (model.grouping="
                             f"{cfg.grouping!r}, model.decoder_frame={cfg.decoder_frame!r}) yet")
@@ -234,6 +240,15 @@ class SlotAutoencoder(nn.Module):
             lowest = torch.minimum(lowest, disagreement)
         return grouped, feature_size, decoded
 
+    def recompose(self, decoded: DecoderOutput, grouped: GroupingOutput, feature_size: tuple[int, int]
+                  ) -> DecoderOutput:
+        """``model.recon_masks=attention``: the slot images composed with the attention masks instead of the
+        decoder's (which :meth:`forward` hands out as ``decoder_masks``)."""
+        masks = attention_masks(grouped.attn, feature_size, tuple(decoded.slot_recons.shape[-2:]))  # [B, K, H, W]
+        masks = masks.to(decoded.slot_recons.dtype)
+        recon = (masks.unsqueeze(2) * decoded.slot_recons).sum(dim=1)  # [B, 3, H, W]
+        return DecoderOutput(recon=recon, masks=masks, slot_recons=decoded.slot_recons)
+
     def quantise(self, grouped: GroupingOutput, feature_size: tuple[int, int], step: int = 0) -> QuantiserOutput:
         """VQ-SA: discrete codes for the grouped slots (with their attention centres when ``vq.keep_position``)."""
         positions = attention_centroids(grouped.attn, feature_size) if self.quantiser.position_dim else None
@@ -262,6 +277,10 @@ class SlotAutoencoder(nn.Module):
             object_rgb, object_logits = self.decoder.draw(slots[:, 1:])  # [B, K-1, 3, h, w], [B, K-1, h, w]
             decoded = compose(torch.cat([background_rgb, object_rgb.to(background_rgb.dtype)], dim=1),
                               torch.cat([background_logit, object_logits.to(background_logit.dtype)], dim=1))
+        elif self.slot_rgb is not None:  # each slot's colours smooth (model.slot_rgb_grid), its mask from the decoder
+            _, mask_logits = self.decoder.draw(slots)  # [B, K, h, w]
+            rgb, _ = self.slot_rgb.draw(slots)  # [B, K, 3, h, w]
+            decoded = compose(rgb.to(mask_logits.dtype), mask_logits)
         else:
             decoded = self.decoder.decode(slots)
         if self.resolution != self.image_resolution:
@@ -272,9 +291,13 @@ class SlotAutoencoder(nn.Module):
         """Encode, (quantise,) decode; ``step`` sets the Gumbel-softmax temperature of VQ-SA runs."""
         if self.quantiser is None:
             grouped, feature_size, decoded = self.group_and_decode(image, num_slots)
+            decoder_masks = None
+            if self.config.model.recon_masks == "attention":
+                decoder_masks, decoded = decoded.masks, self.recompose(decoded, grouped, feature_size)
             return AutoencoderOutput(
                 recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
                 attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
+                decoder_masks=decoder_masks,
             )
         grouped, feature_size = self.group(image, num_slots)
         quantised = self.quantise(grouped, feature_size, step)

@@ -66,6 +66,9 @@ class ObjectDiscoveryEvaluator:
     With ``attention_scores`` the masks that Slot Attention's last iteration draws (``out.attn``, upsampled to the
     image) are scored too, as ``attn_ari``, ``attn_fg_ari``, ``attn_miou`` and ``attn_mbo``: the decoder's alpha masks
     are the Slot Attention paper's choice, the attention masks that of models without them (SLATE, DINOSAUR).
+    Where the reconstruction is composed with the attention masks (``model.recon_masks=attention``) the decoder's
+    own masks, which draw from slots alone, are scored as ``decoder_ari``, ``decoder_fg_ari``, ``decoder_miou`` and
+    ``decoder_mbo``.
     """
 
     def __init__(self, model: torch.nn.Module, out_dir: Path | None = None, masks_only: bool = False,
@@ -74,6 +77,7 @@ class ObjectDiscoveryEvaluator:
         self.extras = extras or []
         self.metrics = ObjectDiscoveryMetrics()
         self.attention_metrics = ObjectDiscoveryMetrics() if attention_scores else None
+        self.decoder_metrics: ObjectDiscoveryMetrics | None = None  # made on the first output with decoder_masks
         self.extremes = _Extremes(GALLERY_SIZE)
         self.rows: list[dict[str, Any]] = []
         self.first = None
@@ -96,6 +100,10 @@ class ObjectDiscoveryEvaluator:
         if self.attention_metrics is not None and true is not None and out.feature_size is not None:
             attention = attention_masks(out.attn.float(), out.feature_size, tuple(true.shape[-2:]))  # [B, K, H, W]
             self.attention_metrics.update(attention, true)
+        if getattr(out, "decoder_masks", None) is not None and true is not None:
+            if self.decoder_metrics is None:
+                self.decoder_metrics = ObjectDiscoveryMetrics()
+            self.decoder_metrics.update(out.decoder_masks.float(), true)
         if self.out_dir is None:
             self.metrics.update(out.masks.float(), true, out.recon.float(), batch["image"])
             return
@@ -120,10 +128,11 @@ class ObjectDiscoveryEvaluator:
             _write_csv(self.rows, self.out_dir / "per_image.csv")
             ranked_by = "ARI" if "mask" in self.first[0] else "MSE"
             _save_pictures(self.out_dir, self.first, self.extremes, ranked_by)
-        if self.attention_metrics is not None:
-            attention = self.attention_metrics.compute()
-            metrics.update({f"attn_{name}": attention[name] for name in ("ari", "fg_ari", "miou", "mbo")
-                            if name in attention})
+        for prefix, other in (("attn", self.attention_metrics), ("decoder", self.decoder_metrics)):
+            if other is not None:
+                scores = other.compute()
+                metrics.update({f"{prefix}_{name}": scores[name] for name in ("ari", "fg_ari", "miou", "mbo")
+                                if name in scores})
         for extra in self.extras:
             metrics.update(extra.summary())
         return metrics
