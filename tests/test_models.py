@@ -424,7 +424,15 @@ def test_attention_recon_masks_compose_the_slot_images_with_the_attention():
     torch.testing.assert_close(plain_out.masks, out.decoder_masks)
     assert plain_out.decoder_masks is None
     with pytest.raises(UserError, match="model.recon_masks=attention"):
-        apply_overrides(get_preset("vqsa-smoke"), ["model.recon_masks=attention"])
+        apply_overrides(get_preset("smoke"), ["model.recon_masks=attention", "model.decoder_kind=mlp",
+                                              "model.decoder_pixels=0.5"])
+    # VQ-SA: the slot images come from the quantised slots, the masks from the attention of the continuous ones.
+    vq = build_model(apply_overrides(get_preset("vqsa-smoke"), ["model.recon_masks=attention"])).eval()
+    torch.manual_seed(0)
+    vq_out = vq(image)
+    torch.testing.assert_close(vq_out.masks, attention_masks(vq_out.attn, vq_out.feature_size, (16, 16)))
+    torch.testing.assert_close(vq.decode(vq_out.slots).masks, vq_out.decoder_masks)
+    assert vq_out.codes is not None
 
 
 def test_slot_rgb_grid_draws_each_slot_in_smooth_colours_with_the_decoder_masks():
@@ -442,7 +450,13 @@ def test_slot_rgb_grid_draws_each_slot_in_smooth_colours_with_the_decoder_masks(
     smooth = build_model(apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=4"])).eval()
     colours = smooth.decode(slots).slot_recons  # [B, K, 3, 16, 16], bilinear from 4 x 4
     assert not torch.allclose(colours[..., 0, 0], colours[..., 15, 15])
-    for bad in (["model.decoder_kind=mlp"], ["model.grouping=invariant_slot_attention"], ["model.slot_rgb_grid=17"]):
+    framed = build_model(apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=1",
+                                                                "model.grouping=invariant_slot_attention"])).eval()
+    decoded = framed.decode(torch.cat([slots, torch.zeros(2, 3, 2), torch.ones(2, 3, 2)], dim=-1))  # frames
+    colours = decoded.slot_recons.flatten(3)
+    torch.testing.assert_close(colours, colours[..., :1].expand_as(colours))
+    for bad in (["model.decoder_kind=mlp"], ["model.background_grid=2", "model.slot_init=bo_qsa"],
+                ["model.slot_rgb_grid=17"]):
         with pytest.raises(UserError, match="model.slot_rgb_grid"):
             apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=1", *bad])
 

@@ -269,7 +269,12 @@ class SlotAutoencoder(nn.Module):
 
         With ``model.background_grid`` slot 0 is drawn by the background decoder, the others by the broadcast decoder.
         """
-        if self.frames:
+        if self.frames and self.slot_rgb is not None:  # the mask drawn in the slot's frame, its colours smooth
+            content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
+            _, mask_logits = self.decoder.draw(content, positions, scales)  # [B, K, h, w]
+            rgb, _ = self.slot_rgb.draw(content)  # [B, K, 3, h, w]
+            decoded = compose(rgb.to(mask_logits.dtype), mask_logits)
+        elif self.frames:
             content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
             decoded = self.decoder.decode(content, positions, scales)
         elif self.background is not None:  # slot 0 is the background, the others are drawn as objects
@@ -289,24 +294,25 @@ class SlotAutoencoder(nn.Module):
 
     def forward(self, image: torch.Tensor, num_slots: int | None = None, step: int = 0) -> AutoencoderOutput:
         """Encode, (quantise,) decode; ``step`` sets the Gumbel-softmax temperature of VQ-SA runs."""
+        quantised = None
         if self.quantiser is None:
             grouped, feature_size, decoded = self.group_and_decode(image, num_slots)
-            decoder_masks = None
-            if self.config.model.recon_masks == "attention":
-                decoder_masks, decoded = decoded.masks, self.recompose(decoded, grouped, feature_size)
-            return AutoencoderOutput(
-                recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
-                attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
-                decoder_masks=decoder_masks,
-            )
-        grouped, feature_size = self.group(image, num_slots)
-        quantised = self.quantise(grouped, feature_size, step)
-        decoded = self.decode(quantised.slots)
-        return AutoencoderOutput(
-            recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=quantised.slots,
+        else:
+            grouped, feature_size = self.group(image, num_slots)
+            quantised = self.quantise(grouped, feature_size, step)
+            decoded = self.decode(quantised.slots)
+        decoder_masks = None
+        if self.config.model.recon_masks == "attention":
+            decoder_masks, decoded = decoded.masks, self.recompose(decoded, grouped, feature_size)
+        out = AutoencoderOutput(
+            recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
             attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
-            codes=quantised.codes, code_logits=quantised.logits, kl=quantised.kl, positions=quantised.positions,
+            decoder_masks=decoder_masks,
         )
+        if quantised is None:
+            return out
+        return replace(out, slots=quantised.slots, codes=quantised.codes, code_logits=quantised.logits,
+                       kl=quantised.kl, positions=quantised.positions)
 
     def set_progress(self, progress: float) -> None:
         """Trainer hook, called before each training step: the fraction of training done (of ``train.steps``, or
