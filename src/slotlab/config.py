@@ -893,16 +893,17 @@ def _check_relations(config: Config) -> None:
                         f"model.decoder_kind=cnn, slots with identities (model.slot_init=bo_qsa or learned) and a "
                         f"grid no larger than the model's side {model_resolution(config)} (task={config.task}, "
                         f"model.decoder_kind={model.decoder_kind}, model.slot_init={model.slot_init})")
-    if model.mask_agreement and (config.task != "autoencoder" or model.decoder_pixels < 1):
-        raise UserError(f"model.mask_agreement={model.mask_agreement} needs task=autoencoder with the whole image "
-                        f"decoded (task={config.task}, model.decoder_pixels={model.decoder_pixels})")
+    # What compares or composes the decoder's masks over the whole image: the slot autoencoder's, every pixel decoded.
+    whole_image = ([f"model.mask_agreement={model.mask_agreement}"] * bool(model.mask_agreement)
+                   + ["model.recon_masks=attention"] * (model.recon_masks == "attention"))
+    if whole_image and (config.task != "autoencoder" or model.decoder_pixels < 1):
+        raise UserError(f"{' and '.join(whole_image)} {'need' if len(whole_image) > 1 else 'needs'} task=autoencoder "
+                        f"with the whole image decoded (task={config.task}, model.decoder_pixels="
+                        f"{model.decoder_pixels})")
     if model.slot_rgb_grid and (config.task != "autoencoder" or model.decoder_kind != "cnn" or model.background_grid
                                 or model.slot_rgb_grid > model_resolution(config)):
         raise UserError(f"model.slot_rgb_grid={model.slot_rgb_grid} needs task=autoencoder, model.decoder_kind=cnn, "
                         f"no background slot and a grid no larger than the model's side {model_resolution(config)}")
-    if model.recon_masks == "attention" and (config.task != "autoencoder" or model.decoder_pixels < 1):
-        raise UserError(f"model.recon_masks=attention needs task=autoencoder with the whole image decoded "
-                        f"(task={config.task}, model.decoder_pixels={model.decoder_pixels})")
     if data.name in PROCEDURAL_DATASETS and data.min_objects > data.max_objects:
         raise UserError(f"data.min_objects={data.min_objects} is more than data.max_objects={data.max_objects}")
     if model.decoder_kind == "cnn" and model.decoder_kernel % 2 == 0:

@@ -269,25 +269,21 @@ class SlotAutoencoder(nn.Module):
 
         With ``model.background_grid`` slot 0 is drawn by the background decoder, the others by the broadcast decoder.
         """
-        if self.frames and self.slot_rgb is not None:  # the mask drawn in the slot's frame, its colours smooth
+        content, frame = slots, ()  # with frames: the slot vector, and its position and scale for the decoder
+        if self.frames:
             content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
-            _, mask_logits = self.decoder.draw(content, positions, scales)  # [B, K, h, w]
-            rgb, _ = self.slot_rgb.draw(content)  # [B, K, 3, h, w]
-            decoded = compose(rgb.to(mask_logits.dtype), mask_logits)
-        elif self.frames:
-            content, positions, scales = slots.split([slots.shape[-1] - 4, 2, 2], dim=-1)
-            decoded = self.decoder.decode(content, positions, scales)
-        elif self.background is not None:  # slot 0 is the background, the others are drawn as objects
+            frame = (positions, scales)
+        if self.background is not None:  # slot 0 is the background, the others are drawn as objects (no frames)
             background_rgb, background_logit = self.background.draw(slots[:, :1])  # [B, 1, 3, h, w], [B, 1, h, w]
             object_rgb, object_logits = self.decoder.draw(slots[:, 1:])  # [B, K-1, 3, h, w], [B, K-1, h, w]
             decoded = compose(torch.cat([background_rgb, object_rgb.to(background_rgb.dtype)], dim=1),
                               torch.cat([background_logit, object_logits.to(background_logit.dtype)], dim=1))
         elif self.slot_rgb is not None:  # each slot's colours smooth (model.slot_rgb_grid), its mask from the decoder
-            _, mask_logits = self.decoder.draw(slots)  # [B, K, h, w]
-            rgb, _ = self.slot_rgb.draw(slots)  # [B, K, 3, h, w]
+            _, mask_logits = self.decoder.draw(content, *frame)  # [B, K, h, w]
+            rgb, _ = self.slot_rgb.draw(content)  # [B, K, 3, h, w]
             decoded = compose(rgb.to(mask_logits.dtype), mask_logits)
         else:
-            decoded = self.decoder.decode(slots)
+            decoded = self.decoder.decode(content, *frame)
         if self.resolution != self.image_resolution:
             decoded = upsample_decoded(decoded, self.image_resolution)
         return decoded
