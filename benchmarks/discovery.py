@@ -196,6 +196,7 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         "one_restart_fg_ari_std": one_draw.get("std", {}).get("fg_ari"),
         "num_val_images": metrics.get("num_images"), "made_with": made_with,
         "recon_masks": config["model"].get("recon_masks", "decoder"), "decoder_fg_ari": metrics.get("decoder_fg_ari"),
+        "mask_posterior": config["model"].get("mask_posterior", False),
         "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
     }
 
@@ -253,8 +254,9 @@ def markdown(rows: list[dict], header: str) -> str:
             restarts = r.get("restarts") or 1  # None in rows of older tables: one draw
             at_test += [f"{restarts} restarts"] * (restarts > 1)
             name = f"`{preset}`" + (f" ({', '.join(at_test)} at test)" if at_test else "")
-            if r.get("recon_masks") == "attention":
-                name += " (attention masks compose the image)"
+            how = (["attention masks compose the image"] * (r.get("recon_masks") == "attention")
+                   + ["masks: each pixel's posterior"] * bool(r.get("mask_posterior")))
+            name += f" ({'; '.join(how)})" if how else ""
             lines.append(f"| {name} | {r['seed']} | {r['budget_minutes']:g} | {r['steps']} | "
                          f"{r['images_per_s']:.0f} | {cells} | {'' if paper is None else f'{paper / 100:.3f}'} |"
                          + (f" {r.get('measured', '')} |" if when else ""))

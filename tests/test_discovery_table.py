@@ -157,3 +157,7 @@ def test_rows_composed_with_the_attention_masks_say_so_and_give_the_decoders_own
     assert lines[1].startswith("| `multi-dsprites-cpu` (attention masks compose the image) | 0 ")
     assert "| 0.780 | 0.780 | 0.310 | 0.500 |" in lines[1]
     assert "decoder's own" not in discovery.markdown(rows[1:], "header")  # no such row: no column
+    posterior = _row("multi-dsprites-cpu", 1, 0.93, attn_fg_ari=0.78, recon_masks="attention", mask_posterior=True)
+    line = [line for line in discovery.markdown([posterior], "header").splitlines() if line.startswith("| `")][0]
+    assert line.startswith("| `multi-dsprites-cpu` (attention masks compose the image; masks: each pixel's "
+                           "posterior) | 1 ")

@@ -461,6 +461,48 @@ def test_slot_rgb_grid_draws_each_slot_in_smooth_colours_with_the_decoder_masks(
             apply_overrides(get_preset("smoke"), ["model.slot_rgb_grid=1", *bad])
 
 
+def test_pixel_posterior_is_bayes_rule_over_the_slots_with_the_images_own_error_as_variance():
+    from slotlab.models.autoencoder import pixel_posterior
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 4, 4)
+    slot_recons = torch.rand(2, 3, 3, 4, 4)  # [B, K, 3, H, W]
+    masks = torch.rand(2, 3, 4, 4).softmax(dim=1)
+    recon = (masks.unsqueeze(2) * slot_recons).sum(dim=1)
+    posterior = pixel_posterior(masks, slot_recons, image, recon)  # [B, K, H, W]
+    variance = (recon - image).square().mean(dim=(1, 2, 3)).view(2, 1, 1, 1)
+    likelihood = torch.distributions.Normal(slot_recons, variance.unsqueeze(1).sqrt()).log_prob(image.unsqueeze(1))
+    joint = masks * likelihood.sum(dim=2).exp()  # [B, K, H, W]: p(k) p(pixel | k)
+    torch.testing.assert_close(posterior, joint / joint.sum(dim=1, keepdim=True))
+    # A slot that draws the pixel's exact colour takes it from slots that miss it by far; a slot with mask 0 takes
+    # (next to) nothing, whatever its colour.
+    far = torch.stack([image, image + 1, image], dim=1)  # [B, K=3, 3, H, W]
+    sure = pixel_posterior(torch.tensor([0.1, 0.9, 0.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4), far, image, image + 0.1)
+    assert (sure[:, 0] > 0.99).all() and (sure[:, 2] < 1e-9).all()
+
+
+def test_mask_posterior_changes_the_masks_handed_out_outside_training_only():
+    from slotlab.models.autoencoder import pixel_posterior
+
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    config = apply_overrides(get_preset("smoke"), ["model.recon_masks=attention", "model.mask_posterior=true"])
+    model = build_model(config).eval()
+    plain = build_model(apply_overrides(get_preset("smoke"), ["model.recon_masks=attention"])).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    out = model(image)
+    torch.manual_seed(0)
+    plain_out = plain(image)
+    torch.testing.assert_close(out.recon, plain_out.recon)  # the reconstruction and the slots are the same
+    torch.testing.assert_close(out.masks, pixel_posterior(plain_out.masks, plain_out.slot_recons, image,
+                                                          plain_out.recon))
+    assert not torch.allclose(out.masks, plain_out.masks)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.train()(image).masks, plain_out.masks)  # training sees the mixing masks
+    with pytest.raises(UserError, match="model.mask_posterior=true needs task=autoencoder"):
+        apply_overrides(get_preset("smoke"), ["model.mask_posterior=true", "task=setpred"])
+
+
 def test_mask_agreement_needs_the_whole_image_decoded():
     with pytest.raises(UserError, match="model.mask_agreement"):
         apply_overrides(get_preset("smoke"), ["model.mask_agreement=0.1", "model.decoder_kind=mlp",

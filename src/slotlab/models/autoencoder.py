@@ -84,6 +84,25 @@ def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
     return mask_disagreement(masks, out.attn, out.feature_size).mean()
 
 
+def pixel_posterior(masks: torch.Tensor, slot_recons: torch.Tensor, image: torch.Tensor,
+                    recon: torch.Tensor) -> torch.Tensor:
+    """Which slot drew each pixel, given the pixel: ``[B, K, H, W]``, the masks ``model.mask_posterior`` hands out.
+
+    The slot autoencoder's image is a spatial mixture: pixel ``x`` comes from slot ``k`` with probability
+    ``m_k(x)`` (``masks [B, K, H, W]``) and then has the colour ``x_k(x)`` (``slot_recons [B, K, 3, H, W]``) plus
+    noise; the MSE loss is the Gaussian likelihood of that noise. The posterior of the slot given the pixel's colour
+    ``I(x)`` (``image [B, 3, H, W]``) is ``p(k | x) = m_k(x) N(I(x); x_k(x), s^2) / sum_j ...`` (Bayes' rule), with
+    ``s^2`` the image's own reconstruction error (the mean squared error of ``recon``, per channel), so no scale is
+    tuned. Where the masks are coarse (the attention's, drawn on a grid and upsampled) it moves each object's edge
+    to where the colours change; no labels are used.
+    """
+    image = image.float()
+    variance = (recon.float() - image).square().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)  # [B, 1, 1, 1]
+    distance = (slot_recons.float() - image.unsqueeze(1)).square().sum(dim=2)  # [B, K, H, W]
+    logits = masks.float().clamp_min(1e-12).log() - distance / (2 * variance)  # [B, K, H, W]
+    return logits.softmax(dim=1).to(masks.dtype)
+
+
 def where_per_image(better: torch.Tensor, new, old):
     """One output (a dataclass of ``[B, ...]`` tensors, lists of them or None) from two: image ``i`` takes every
     field from ``new`` where ``better[i]`` (``[B]`` bool), else from ``old``."""
@@ -300,6 +319,9 @@ class SlotAutoencoder(nn.Module):
         decoder_masks = None
         if self.config.model.recon_masks == "attention":
             decoder_masks, decoded = decoded.masks, self.recompose(decoded, grouped, feature_size)
+        if self.config.model.mask_posterior and not self.training:
+            masks = pixel_posterior(decoded.masks, decoded.slot_recons, image, decoded.recon)  # [B, K, H, W]
+            decoded = replace(decoded, masks=masks)
         out = AutoencoderOutput(
             recon=decoded.recon, masks=decoded.masks, slot_recons=decoded.slot_recons, slots=grouped.slots,
             attn=grouped.attn, attn_per_iter=grouped.attn_per_iter, feature_size=feature_size,
