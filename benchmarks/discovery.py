@@ -109,8 +109,8 @@ TRAIN_KEYS = ("steps", "time_budget", "batch_size", "lr", "schedule", "warmup_st
 
 
 # Model keys that change only what the model does outside training: a run made with another value is evaluated with the
-# preset's (slotlab eval --restarts). Its in-training validation, and so its best checkpoint, ran with its own.
-TEST_TIME_MODEL_KEYS = ("test_restarts",)
+# preset's (slotlab eval --restarts, --posterior). Its in-training validation ran with its own.
+TEST_TIME_MODEL_KEYS = ("test_restarts", "mask_posterior")
 
 
 def stale_keys(run_dir: Path, preset: str, sets: list[str]) -> list[str]:
@@ -157,15 +157,18 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
     # the run's own config, read as JSON: a run written by a newer slotlab than this process still reads
     config = json.loads((run_dir / "config.json").read_text())
     checkpoint = choose_checkpoint(run_dir, "best")
-    restarts = apply_overrides(get_preset(preset), sets).model.test_restarts
-    own_restarts = config["model"].get("test_restarts", 1)
+    wanted = apply_overrides(get_preset(preset), sets).model
+    restarts, own_restarts = wanted.test_restarts, config["model"].get("test_restarts", 1)
+    # the preset's masks where the run hands out others (a run made before model.mask_posterior)
+    posterior = None if wanted.mask_posterior == config["model"].get("mask_posterior", False) else wanted.mask_posterior
 
     def evaluation(iters: int = 0, with_restarts: int = restarts) -> dict:
         """``slotlab eval`` of the run's val split with ``iters`` and ``with_restarts``; its metrics."""
         asked = 0 if with_restarts == own_restarts else with_restarts  # the run's own: the plain evaluation
         slotlab("eval", str(run_dir), *(["--iters", str(iters)] if iters else []),
-                *(["--restarts", str(asked)] if asked else []), *(["--draws", str(draws)] if draws > 1 else []))
-        folder = eval_dir(run_dir, "val", checkpoint, iters=iters, restarts=asked, draws=draws)
+                *(["--restarts", str(asked)] if asked else []), *(["--draws", str(draws)] if draws > 1 else []),
+                *(["--posterior", "on" if posterior else "off"] if posterior is not None else []))
+        folder = eval_dir(run_dir, "val", checkpoint, iters=iters, restarts=asked, draws=draws, posterior=posterior)
         return json.loads((folder / "metrics.json").read_text())
 
     metrics = evaluation()
@@ -196,7 +199,7 @@ def run_one(preset: str, seed: int, runs: Path, overrides: list[str], test_iters
         "one_restart_fg_ari_std": one_draw.get("std", {}).get("fg_ari"),
         "num_val_images": metrics.get("num_images"), "made_with": made_with,
         "recon_masks": config["model"].get("recon_masks", "decoder"), "decoder_fg_ari": metrics.get("decoder_fg_ari"),
-        "mask_posterior": config["model"].get("mask_posterior", False),
+        "mask_posterior": metrics.get("mask_posterior", False),
         "curve": [(r.get("train_minutes", float("nan")), r["fg_ari"]) for r in val],
     }
 
@@ -244,7 +247,7 @@ def markdown(rows: list[dict], header: str) -> str:
         paper = PAPER_FG_ARI.get(group[0]["dataset"])
         scores = [values(r) for r in group]
         # else the plain columns mix two test-time conditions
-        one_t = len({(r.get("iters"), r.get("restarts") or 1) for r in group}) == 1
+        one_t = len({(r.get("iters"), r.get("restarts") or 1, bool(r.get("mask_posterior"))) for r in group}) == 1
         for r, found in zip(group, scores):
             spread = {"fg_ari": r.get("fg_ari_std"), f"T{r.get('test_iters')}": r.get("test_iters_fg_ari_std"),
                       "one_restart_fg_ari": r.get("one_restart_fg_ari_std")}

@@ -244,8 +244,28 @@ def test_eval_with_restarts_keeps_the_plain_evaluation_and_equals_a_run_with_tes
     assert (learned / "eval" / "val-last-first10" / "metrics.json").is_file()
 
 
+def test_eval_posterior_scores_the_same_slots_with_each_pixels_posterior_and_equals_a_run_with_it(evaluated_run,
+                                                                                                     tmp_path):
+    run_dir, plain = evaluated_run
+    posterior = evaluate_run(run_dir, limit=10, batch_size=4, device="cpu", posterior=True)
+    assert posterior["mask_posterior"] and not plain["mask_posterior"] and posterior["ari"] != plain["ari"]
+    assert posterior["mse"] == plain["mse"]  # the same reconstruction
+    assert posterior["decoder_ari"] == plain["ari"]  # the masks that compose the image, scored beside
+    assert json.loads((run_dir / "eval" / "val-last-first10-posterior" / "metrics.json").read_text()) == posterior
+    same = untrained_run(tmp_path / "run", ["model.mask_posterior=true"])  # the same weights, the posterior built in
+    own = evaluate_run(same, limit=10, batch_size=4, device="cpu")
+    assert (own["ari"], own["fg_ari"]) == (posterior["ari"], posterior["fg_ari"])
+    mixture = evaluate_run(same, limit=10, batch_size=4, device="cpu", posterior=False)
+    assert (mixture["ari"], mixture["mask_posterior"]) == (plain["ari"], False)
+    assert (same / "eval" / "val-last-first10-mixture" / "metrics.json").is_file()
+    setpred = untrained_run(tmp_path / "setpred", ["task=setpred"])
+    with pytest.raises(UserError, match="--posterior: the setpred model"):
+        evaluate_run(setpred, limit=4, batch_size=4, device="cpu", posterior=True)
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--limit", "-1"], "--limit"),
+    (["--posterior", "yes"], "--posterior"),
     (["--restarts", "-2"], "--restarts"),
     (["--batch-size", "-4"], "--batch-size"),
     (["--iters", "x"], "--iters"),

@@ -117,7 +117,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from slotlab.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.split, args.checkpoint, args.limit, args.batch_size,
-                           args.device, seed=args.seed, iters=args.iters, draws=args.draws, restarts=args.restarts)
+                           args.device, seed=args.seed, iters=args.iters, draws=args.draws, restarts=args.restarts,
+                           posterior={"on": True, "off": False, None: None}[args.posterior])
     print(json.dumps(metrics, indent=2))
 
 
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R draws of the Gaussian initial slots per image, each image keeping the one whose decoder "
                         "masks agree best with its attention masks (no labels; 0 = the run's model.test_restarts); "
                         "results go to eval/<split>-<ckpt>-R<R>")
+    p.add_argument("--posterior", choices=["on", "off"], default=None,
+                   help="score each pixel's posterior over the slots (on) or the masks that compose the image (off) "
+                        "instead of the run's model.mask_posterior; results go to eval/...-posterior or -mixture")
     p.add_argument("--seed", type=_count, default=0, metavar="S",
                    help="seed of the initial slots' noise (of the first draw); other than 0: eval/...-seed<S>")
     p.add_argument("--draws", type=_positive, default=1, metavar="N",

@@ -33,7 +33,7 @@ from slotlab.tasks import get_task, load_trained_model
 @torch.no_grad()
 def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0,
                  batch_size: int = 0, device: str = "auto", seed: int = 0, iters: int = 0,
-                 draws: int = 1, restarts: int = 0) -> dict[str, Any]:
+                 draws: int = 1, restarts: int = 0, posterior: bool | None = None) -> dict[str, Any]:
     """Score ``split`` of the run's dataset and save metrics and pictures under ``RUN_DIR/eval``.
 
     Args:
@@ -53,6 +53,8 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         restarts: draws of the initial slots per image inside one forward pass, each image keeping the one whose
             decoder masks agree best with its attention masks (0 = the run's ``model.test_restarts``); only runs
             with Gaussian initial slots draw differently each time.
+        posterior: score each pixel's posterior over the slots (True) or the masks that compose the image (False)
+            instead of what the run hands out (None: its ``model.mask_posterior``); slot autoencoders only.
 
     Returns:
         The metrics dict written to ``eval/metrics.json``.
@@ -86,6 +88,13 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
         if why:
             raise UserError(f"--restarts: {str(run_dir)!r} {why}")
         model.test_restarts = restarts
+    if posterior == getattr(model, "mask_posterior", None):
+        posterior = None  # the run's own masks: the plain evaluation
+    if posterior is not None:
+        if not hasattr(model, "mask_posterior"):
+            raise UserError(f"--posterior: the {config.task} model of {str(run_dir)!r} composes no image from slot "
+                            "masks (slot autoencoders only)")
+        model.mask_posterior = posterior
     dev = next(model.parameters()).device
     dataset = build_dataset(config.data, split)
     if len(dataset) == 0:
@@ -93,13 +102,16 @@ def evaluate_run(run_dir: Path, split: str = "val", checkpoint: str = "best", li
     if dev.type == "cpu":
         keep_freed_memory()  # after the data: only the batches' tensors come and go from here on
     count = len(dataset) if limit == 0 else min(limit, len(dataset))
-    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters, seed, draws, restarts)  # eval/val-best: others stay
+    # eval/val-best and the like: other evaluations stay
+    out_dir = eval_dir(run_dir, split, checkpoint, limit, iters, seed, draws, restarts, posterior)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": split, "num_images": count, "checkpoint": checkpoint}
     if hasattr(grouping, "num_iters"):
         metrics["iters"] = grouping.num_iters  # model.eval(): the test-time T
     if hasattr(model, "restarts"):
         metrics["restarts"] = model.restarts()  # model.eval(): the draws each image's slots are chosen from
+    if hasattr(model, "mask_posterior"):
+        metrics["mask_posterior"] = model.mask_posterior  # the masks scored: each pixel's posterior, or the mixture's
     start = time.perf_counter()
     scores = []  # one summary per draw
     for draw in range(draws):

@@ -272,15 +272,17 @@ def load_exported(folder: Path) -> tuple[Config, dict[str, Any]]:
 
 
 def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit: int = 0, iters: int = 0,
-             seed: int = 0, draws: int = 1, restarts: int = 0) -> Path:
+             seed: int = 0, draws: int = 1, restarts: int = 0, posterior: bool | None = None) -> Path:
     """Where ``slotlab eval`` keeps the results of one split, checkpoint, image count, number of test-time
     iterations, restarts and slot draws: ``RUN_DIR/eval/<split>-<checkpoint>`` (``-first<N>`` with a limit,
     ``-T<iters>`` with iterations other than the run's own test-time ones, ``model.test_iters`` or else
     ``model.iters``, ``-R<restarts>`` with restarts other than the run's ``model.test_restarts``, ``-seed<S>`` with
-    another noise seed than 0, ``-draws<N>`` with more than one draw of the initial slots), e.g. ``eval/val-best``,
+    another noise seed than 0, ``-draws<N>`` with more than one draw of the initial slots, ``-posterior`` or
+    ``-mixture`` with other masks than the run's ``model.mask_posterior``), e.g. ``eval/val-best``,
     ``eval/val-best-T15``, ``eval/val-best-R8`` or ``eval/val-best-draws5``."""
     suffix = ((f"-first{limit}" if limit else "") + (f"-T{iters}" if iters else "")
               + (f"-R{restarts}" if restarts else "")
+              + ({True: "-posterior", False: "-mixture", None: ""}[posterior])
               + (f"-seed{seed}" if seed else "") + (f"-draws{draws}" if draws > 1 else ""))
     return Path(run_dir) / "eval" / f"{split}-{checkpoint}{suffix}"
 
@@ -288,12 +290,15 @@ def eval_dir(run_dir: Path, split: str = "val", checkpoint: str = "best", limit:
 def scoring_conditions(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """How an evaluation's ``metrics`` were scored, where it differs from one pass of the trained model (``config``
     as a dict): ``T=<n>`` (test-time iterations), ``best of <R> restarts`` (``--restarts``, ``model.test_restarts``),
-    ``mean of <N> draws`` (``--draws``)."""
+    ``mean of <N> draws`` (``--draws``), ``pixel posterior masks`` or ``mixture masks`` (``--posterior``)."""
     conditions = []
     if metrics.get("iters") not in (None, config.get("model", {}).get("iters")):  # model.test_iters or eval --iters
         conditions.append(f"T={metrics['iters']}")
     if (metrics.get("restarts") or 1) > 1:
         conditions.append(f"best of {metrics['restarts']} restarts")
+    own_posterior = config.get("model", {}).get("mask_posterior", False)
+    if metrics.get("mask_posterior", own_posterior) != own_posterior:  # eval --posterior on/off
+        conditions.append("pixel posterior masks" if metrics["mask_posterior"] else "mixture masks")
     if (metrics.get("draws") or 1) > 1:  # the scores are means over N draws of the initial slots
         conditions.append(f"mean of {metrics['draws']} draws")
     return conditions

@@ -39,7 +39,9 @@ class AutoencoderOutput:
     code_logits: torch.Tensor | None = None  # [B, K, L, M]
     kl: torch.Tensor | None = None  # scalar KL(q(z|x) || uniform)
     positions: torch.Tensor | None = None  # [B, K, 2] slot centres passed through unquantised (vq.keep_position)
-    # model.recon_masks=attention: ``masks`` are the attention's, and these the decoder's own [B, K, H, W]
+    # model.recon_masks=attention: ``masks`` are the attention's, and these the decoder's own [B, K, H, W]. With the
+    # pixel posterior (model.mask_posterior, outside training) ``masks`` are each pixel's posterior instead (no longer
+    # the weights that compose ``recon``), and the decoder's own masks are here in any case.
     decoder_masks: torch.Tensor | None = None
 
 
@@ -86,21 +88,25 @@ def mask_agreement(out: AutoencoderOutput) -> torch.Tensor:
 
 def pixel_posterior(masks: torch.Tensor, slot_recons: torch.Tensor, image: torch.Tensor,
                     recon: torch.Tensor) -> torch.Tensor:
-    """Which slot drew each pixel, given the pixel: ``[B, K, H, W]``, the masks ``model.mask_posterior`` hands out.
+    """Which slot drew each pixel, given the pixel: ``[B, K, H, W]`` (fp32), the masks ``model.mask_posterior``
+    hands out.
 
-    The slot autoencoder's image is a spatial mixture: pixel ``x`` comes from slot ``k`` with probability
-    ``m_k(x)`` (``masks [B, K, H, W]``) and then has the colour ``x_k(x)`` (``slot_recons [B, K, 3, H, W]``) plus
-    noise; the MSE loss is the Gaussian likelihood of that noise. The posterior of the slot given the pixel's colour
-    ``I(x)`` (``image [B, 3, H, W]``) is ``p(k | x) = m_k(x) N(I(x); x_k(x), s^2) / sum_j ...`` (Bayes' rule), with
-    ``s^2`` the image's own reconstruction error (the mean squared error of ``recon``, per channel), so no scale is
-    tuned. Where the masks are coarse (the attention's, drawn on a grid and upsampled) it moves each object's edge
-    to where the colours change; no labels are used.
+    Read the slot autoencoder as a spatial mixture: pixel ``x`` comes from slot ``k`` with probability ``m_k(x)``
+    (``masks [B, K, H, W]``) and then has the colour ``x_k(x)`` (``slot_recons [B, K, 3, H, W]``) plus Gaussian
+    noise. The posterior of the slot given the pixel's colour ``I(x)`` (``image [B, 3, H, W]``) is Bayes' rule,
+    ``p(k | x) = m_k(x) N(I(x); x_k(x), s^2) / sum_j ...``, with ``s^2`` the image's own reconstruction error (the
+    mean squared error of ``recon``, per channel), so no scale is tuned and no labels are used. Where the masks are
+    coarse (the attention's, drawn on a grid and upsampled) it moves each object's edge to where the colours change.
+    A slot whose mask is 0 at a pixel never takes it; one whose mask is merely small takes it where its colour fits
+    far better than the others', so the posterior helps where each slot's image fits its pixels (flat colours) and
+    hurts where it does not (blurred, shaded renders).
     """
     image = image.float()
     variance = (recon.float() - image).square().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)  # [B, 1, 1, 1]
     distance = (slot_recons.float() - image.unsqueeze(1)).square().sum(dim=2)  # [B, K, H, W]
-    logits = masks.float().clamp_min(1e-12).log() - distance / (2 * variance)  # [B, K, H, W]
-    return logits.softmax(dim=1).to(masks.dtype)
+    masks = masks.float()
+    log_prior = torch.where(masks > 0, masks.log(), float("-inf"))  # [B, K, H, W]; the masks sum to 1 over K
+    return (log_prior - distance / (2 * variance)).softmax(dim=1)  # [B, K, H, W]
 
 
 def where_per_image(better: torch.Tensor, new, old):
@@ -156,6 +162,7 @@ class SlotAutoencoder(nn.Module):
                                                    slot_edges=cfg.decoder_slot_edges)
         self.num_slots = cfg.num_slots
         self.test_restarts = cfg.test_restarts  # draws of the initial slots outside training (see restarts())
+        self.mask_posterior = cfg.mask_posterior  # masks handed out outside training: each pixel's posterior
         # What encode() hands out per slot: the slot vector, then (with frames) its position and scale, so that
         # decode(), slot libraries, composition and mixing see one tensor.
         self.slot_size = cfg.slot_dim + (4 if self.frames else 0)
@@ -319,7 +326,8 @@ class SlotAutoencoder(nn.Module):
         decoder_masks = None
         if self.config.model.recon_masks == "attention":
             decoder_masks, decoded = decoded.masks, self.recompose(decoded, grouped, feature_size)
-        if self.config.model.mask_posterior and not self.training:
+        if self.mask_posterior and not self.training:
+            decoder_masks = decoded.masks if decoder_masks is None else decoder_masks  # still scored (decoder_*)
             masks = pixel_posterior(decoded.masks, decoded.slot_recons, image, decoded.recon)  # [B, K, H, W]
             decoded = replace(decoded, masks=masks)
         out = AutoencoderOutput(
