@@ -67,8 +67,7 @@ def test_an_evaluation_over_several_slot_draws_says_so(tmp_path):
 
 # sprites-cpu composes its image with the attention masks and one colour per slot; the MLP decoder's pixel sampling
 # and the set-prediction head have no such image, so these runs switch that off, as a user must.
-PIXEL_DECODER_OFF = ("model.recon_masks=decoder", "model.slot_rgb_grid=0", "model.mask_agreement=0",
-                     "model.mask_posterior=false")
+PIXEL_DECODER_OFF = ("model.recon_masks=decoder", "model.slot_rgb_grid=0", "model.mask_agreement=0")
 
 
 def test_the_model_column_names_a_non_default_decoder(tmp_path):
