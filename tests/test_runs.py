@@ -52,3 +52,15 @@ def test_a_refused_start_names_the_holder_that_has_only_just_taken_the_lock(tmp_
     assert RunLock(tmp_path).holder() == "process 4242"
     lock_file.write_text("")  # a holder that never writes one
     assert RunLock(tmp_path).holder(wait_s=0.1) == "another process"
+
+
+def test_scoring_conditions_name_masks_other_than_the_runs_own():
+    from slotlab.runs import eval_dir, scoring_conditions
+
+    plain = {"model": {"iters": 3, "mask_posterior": False}}
+    assert scoring_conditions({"iters": 3, "restarts": 1, "mask_posterior": False}, plain) == []
+    assert scoring_conditions({"iters": 3, "mask_posterior": True}, plain) == ["pixel posterior masks"]
+    assert scoring_conditions({"iters": 3, "mask_posterior": False},
+                              {"model": {"iters": 3, "mask_posterior": True}}) == ["mixture masks"]
+    assert scoring_conditions({"iters": 3}, {"model": {"iters": 3}}) == []  # evaluations of older runs
+    assert eval_dir("run", restarts=8, posterior=True, draws=2).name == "val-best-R8-posterior-draws2"
