@@ -38,7 +38,8 @@ def make_run(root: Path, name: str, overrides=(), eval_metrics=None, compose_met
 def test_table_has_one_row_per_run_with_its_numbers(tmp_path):
     a = make_run(tmp_path, "sa", eval_metrics={"ari": 0.5, "fg_ari": 0.71234, "miou": 0.4, "mbo": 0.45, "mse": 0.0123},
                  compose_metrics={"fid_compose": 81.234, "fid_recon": 60.01})
-    b = make_run(tmp_path, "smm", ["model.grouping=slot_mixture"], eval_metrics={"ari": 0.6, "fg_ari": 0.8})
+    b = make_run(tmp_path, "smm", ["model.grouping=slot_mixture", "model.slot_balance=0"],
+                 eval_metrics={"ari": 0.6, "fg_ari": 0.8})
     table = compare_runs([a, b])
     lines = table.splitlines()
     assert lines[0] == ("| run | model | evaluated on | ARI | FG-ARI | mIoU | mBO | MSE | FID | FID recon | steps | "
@@ -47,7 +48,8 @@ def test_table_has_one_row_per_run_with_its_numbers(tmp_path):
     assert lines[2] == ("| sa | autoencoder / slot_attention / bo_qsa | val 500 img, best | 0.500 | 0.712 | 0.400 | "
                         "0.450 | 0.0123 | 81.2 | 60.0 | 200 | 1m 36s |")
     assert lines[3].startswith("| smm | autoencoder / slot_mixture / bo_qsa | val 500 img, best | 0.600 | 0.800 | - |")
-    assert lines[5] == 'Config differences: model.grouping ("slot_attention", "slot_mixture")'
+    assert lines[5] == ('Config differences: model.grouping ("slot_attention", "slot_mixture"); '
+                        'model.slot_balance (1.0, 0.0)')
     assert "AP∞ %" in lines[-1] and "slotlab eval (set prediction runs)" in lines[-1]  # columns no run has
 
 
@@ -67,7 +69,8 @@ def test_an_evaluation_over_several_slot_draws_says_so(tmp_path):
 
 # sprites-cpu composes its image with the attention masks and one colour per slot; the MLP decoder's pixel sampling
 # and the set-prediction head have no such image, so these runs switch that off, as a user must.
-PIXEL_DECODER_OFF = ("model.recon_masks=decoder", "model.slot_rgb_grid=0", "model.mask_agreement=0")
+PIXEL_DECODER_OFF = ("model.recon_masks=decoder", "model.slot_rgb_grid=0", "model.mask_agreement=0",
+                     "model.compactness=0")
 
 
 def test_the_model_column_names_a_non_default_decoder(tmp_path):

@@ -540,3 +540,54 @@ def test_test_restarts_keep_each_images_most_self_consistent_draw():
     for refused in (["model.slot_init=bo_qsa"], ["model.quantiser=vq"], ["task=slate"]):
         with pytest.raises(UserError, match="model.test_restarts=3"):  # where restarts would do nothing
             apply_overrides(get_preset("smoke"), ["model.test_restarts=3", *refused])
+
+
+def test_slot_compactness_charges_a_slot_spread_over_two_regions_apart():
+    """model.compactness: zero for slots that each hold one compact region (a disc, the background around a small
+    one), positive for a slot holding two discs apart, growing with the distance, and its gradient reaches
+    the attention."""
+    from slotlab.models.autoencoder import slot_compactness
+
+    ys, xs = torch.meshgrid((torch.arange(32) + 0.5) / 16 - 1, (torch.arange(32) + 0.5) / 16 - 1, indexing="ij")
+
+    def disc(x, y, r):
+        return ((xs - x) ** 2 + (ys - y) ** 2 < r**2).float()  # [32, 32]
+
+    def two_slots(region):  # the region's slot and the rest of the image's, as attention [1, 2, N]
+        return torch.stack([region, 1 - region]).reshape(1, 2, -1)
+
+    assert slot_compactness(two_slots(disc(0.2, -0.1, 0.2)), (32, 32)) == 0
+    assert slot_compactness(two_slots(disc(0.0, 0.0, 0.35)), (32, 32)) == 0
+    near = slot_compactness(two_slots(torch.maximum(disc(-0.3, 0, 0.2), disc(0.3, 0, 0.2))), (32, 32))
+    far = slot_compactness(two_slots(torch.maximum(disc(-0.7, 0, 0.2), disc(0.7, 0, 0.2))), (32, 32))
+    assert 0 < near < far
+    attn = two_slots(torch.maximum(disc(-0.7, 0, 0.2), disc(0.7, 0, 0.2))).requires_grad_()
+    slot_compactness(attn, (32, 32)).backward()
+    assert attn.grad.abs().sum() > 0
+    config = apply_overrides(get_preset("smoke"), ["model.compactness=0.5"])
+    model = build_model(config).train()
+    loss, logs = model.compute_loss({"image": torch.rand(2, 3, 16, 16) * 2 - 1})
+    torch.testing.assert_close(loss, logs["mse"] + 0.5 * logs["compactness"])
+
+
+def test_slot_balance_raises_the_logits_of_slots_that_took_few_pixels_from_the_second_iteration_on():
+    """model.slot_balance: -gamma * log(share) per slot, so at gamma = 1 a slot holding a ninth of what another holds
+    gains log 9 over it; the first iteration is the paper's, later ones differ."""
+    import math
+
+    from slotlab.models.slot_attention import slot_balance_logits
+
+    attn = torch.tensor([[0.9, 0.9], [0.1, 0.1]]).unsqueeze(0)  # [1, K=2, N=2]
+    balance = slot_balance_logits(attn, 1.0)  # [1, 2, 1]
+    torch.testing.assert_close(balance[0, 1, 0] - balance[0, 0, 0], torch.tensor(math.log(9.0)))
+    torch.testing.assert_close(slot_balance_logits(attn, 0.5), balance / 2)
+    inputs, init = torch.randn(2, 20, 8), torch.randn(2, 3, 8)
+    torch.manual_seed(0)
+    plain = SlotAttention(num_slots=3, dim=8, iters=3)
+    torch.manual_seed(0)
+    balanced = SlotAttention(num_slots=3, dim=8, iters=3, slot_balance=1.0)
+    first_plain, first_balanced = (m(inputs, slots=init).attn_per_iter for m in (plain, balanced))
+    torch.testing.assert_close(first_plain[0], first_balanced[0])
+    assert not torch.allclose(first_plain[-1], first_balanced[-1])
+    with pytest.raises(UserError, match="model.slot_balance"):
+        apply_overrides(get_preset("smoke"), ["model.slot_balance=1", "model.grouping=soft_kmeans"])

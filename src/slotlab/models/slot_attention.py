@@ -94,6 +94,8 @@ class SlotAttention(IterativeGrouping):
         detach_last: backpropagate through the last iteration only, the initial slots getting its gradient straight
             through: the first-order implicit differentiation of Chang et al. (2022), which BO-QSA (Jia et al. 2023)
             uses with learned queries. Training is cheaper and more stable, so more iterations can be afforded.
+        slot_balance: gamma of :func:`slot_balance_logits`, added to the logits from the second iteration on
+            (0 = the paper's attention).
 
     Example:
         >>> sa = SlotAttention(num_slots=5, dim=32)
@@ -103,12 +105,14 @@ class SlotAttention(IterativeGrouping):
     """
 
     def __init__(self, num_slots: int, dim: int, iters: int = 3, hidden_dim: int = 128, eps: float = 1e-8,
-                 input_dim: int | None = None, slot_init: str = "gaussian", detach_last: bool = False):
+                 input_dim: int | None = None, slot_init: str = "gaussian", detach_last: bool = False,
+                 slot_balance: float = 0.0):
         super().__init__()
         input_dim = input_dim or dim
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         self.scale = dim**-0.5
         self.detach_last = detach_last
+        self.slot_balance = slot_balance
         self.init = SLOT_INITS.build(slot_init, num_slots, dim)
         self.norm_inputs = nn.LayerNorm(input_dim)
         self.norm_slots = nn.LayerNorm(dim)
@@ -118,8 +122,10 @@ class SlotAttention(IterativeGrouping):
         self.gru = nn.GRUCell(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
 
-    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration of Algorithm 1, line by line. ``slots [B, K, D]``, keys and values ``[B, N, D]``.
+    def step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             balance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration of Algorithm 1, line by line. ``slots [B, K, D]``, keys and values ``[B, N, D]``;
+        ``balance [B, K, 1]`` is added to the attention logits (``model.slot_balance``, None = nothing).
 
         Returns the new slots ``[B, K, D]`` and the attention ``[B, K, N]`` (softmax over slots).
         """
@@ -128,6 +134,8 @@ class SlotAttention(IterativeGrouping):
         slots = self.norm_slots(slots)  # [B, K, D]
         q = self.to_q(slots)  # [B, K, D]
         attn_logits = self.scale * torch.bmm(q, k.transpose(1, 2))  # [B, K, N]
+        if balance is not None:
+            attn_logits = attn_logits + balance
         attn = attn_logits.softmax(dim=1)  # [B, K, N], normalised over slots: slots compete for inputs
         weights = attn + self.eps
         weights = weights / weights.sum(dim=-1, keepdim=True)  # [B, K, N]: a weighted mean over the inputs
@@ -136,7 +144,8 @@ class SlotAttention(IterativeGrouping):
         slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
         return slots, attn
 
-    def step_folded(self, slots: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_folded(self, slots: torch.Tensor, inputs: torch.Tensor,
+                    balance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step` with k and v applied on the slots' side: the same maths, fewer operations.
 
         ``k(x) . q = x . (q W_k)`` and the weighted mean of ``v(x)`` is ``v`` of the weighted mean of ``x``, both
@@ -148,7 +157,8 @@ class SlotAttention(IterativeGrouping):
         key_proj, value_proj = self.to_kv.weight.chunk(2, dim=0)  # [D, D_in] each
         slots_prev = slots
         q = self.to_q(self.norm_slots(slots)) * self.scale  # [B, K, D]; scaling q is cheaper than scaling logits
-        attn = torch.bmm(q @ key_proj, inputs.transpose(1, 2)).softmax(dim=1)  # [B, K, N]
+        logits = torch.bmm(q @ key_proj, inputs.transpose(1, 2))  # [B, K, N]
+        attn = (logits if balance is None else logits + balance).softmax(dim=1)  # [B, K, N]
         weights = attn + self.eps  # [B, K, N]
         mean_inputs = torch.bmm(weights, inputs) / weights.sum(dim=-1, keepdim=True)  # [B, K, D_in]
         updates = mean_inputs @ value_proj.t()  # [B, K, D]
@@ -175,13 +185,25 @@ class SlotAttention(IterativeGrouping):
             step = partial(self.step, k=k, v=v)
         slots = init_slots
         attn_per_iter = []
+        balance = None
         for t in range(iters):
             if self.detach_last and t == iters - 1:
                 slots = straight_through(slots, init_slots)
             with iteration_grad(t, iters, self.detach_last):
-                slots, attn = step(slots)
+                slots, attn = step(slots, balance=balance)
+            if self.slot_balance:  # from the second iteration on: a step towards equal shares of the pixels
+                balance = slot_balance_logits(attn.detach(), self.slot_balance)  # [B, K, 1]
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
+
+
+def slot_balance_logits(attn: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``-gamma * log(share_k)`` ``[B, K, 1]``: what ``model.slot_balance`` adds to each slot's attention logits in
+    the next iteration, from ``attn [B, K, N]``. At gamma = 1 it is a step of Sinkhorn's balancing (each slot's
+    logits lowered by the log of the share of the pixels it took), so a slot that took few pixels takes the ones it
+    fits best, and learned queries cannot stay empty."""
+    share = attn.float().mean(dim=-1, keepdim=True).clamp_min(1e-4)  # [B, K, 1]
+    return (-gamma * share.log()).to(attn.dtype)
 
 
 def straight_through(state: torch.Tensor, init_state: torch.Tensor) -> torch.Tensor:
@@ -207,7 +229,7 @@ def init_options(cfg) -> dict:
 def _build_slot_attention(cfg) -> SlotAttention:
     return SlotAttention(
         num_slots=cfg.num_slots, dim=cfg.slot_dim, iters=cfg.iters, hidden_dim=cfg.slot_hidden_dim, eps=cfg.eps,
-        input_dim=cfg.input_dim, **init_options(cfg),
+        input_dim=cfg.input_dim, slot_balance=cfg.slot_balance, **init_options(cfg),
     )
 
 
