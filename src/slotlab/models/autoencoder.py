@@ -96,11 +96,8 @@ def slot_compactness(attn: torch.Tensor, feature_size: tuple[int, int], threshol
     too (the background around one central object of radius 0.6: 1.2). Only the pixels where the slot holds more than
     ``threshold`` of the attention count, so the attention's faint spill over the whole image is not measured.
     """
-    b, k, n = attn.shape
-    h, w = feature_size
-    ys = (torch.arange(h, device=attn.device, dtype=torch.float32) + 0.5) / h * 2 - 1
-    xs = (torch.arange(w, device=attn.device, dtype=torch.float32) + 0.5) / w * 2 - 1
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(n, 2)  # [N, 2] as (x, y), row-major
+    n = attn.shape[-1]
+    grid = grid_positions(*feature_size, attn.device)  # [N, 2] as (x, y) in [-1, 1]
     attn = attn.float()
     held = attn * (attn.detach() > threshold)  # [B, K, N]
     mass = held.sum(dim=-1, keepdim=True)  # [B, K, 1]

@@ -191,7 +191,7 @@ class SlotAttention(IterativeGrouping):
                 slots = straight_through(slots, init_slots)
             with iteration_grad(t, iters, self.detach_last):
                 slots, attn = step(slots, balance=balance)
-            if self.slot_balance:  # from the second iteration on: a step towards equal shares of the pixels
+            if self.slot_balance and t < iters - 1:  # for the next iteration: a step towards equal shares
                 balance = slot_balance_logits(attn.detach(), self.slot_balance)  # [B, K, 1]
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter)
