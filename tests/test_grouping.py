@@ -278,6 +278,48 @@ def test_invariant_slot_attention_frames_are_the_attention_mean_and_spread():
     torch.testing.assert_close(out.attn.sum(dim=1), torch.ones(2, 24))
 
 
+def test_invariant_slot_attention_step_is_the_papers_keys_and_values_of_inputs_seen_from_each_frame():
+    """The step never forms the [B, K, N, D_in] inputs seen from each slot's frame; check it against them."""
+    from slotlab.models.invariant_slot_attention import InvariantSlotAttention, frame_of, grid_positions
+
+    torch.manual_seed(0)
+    isa = InvariantSlotAttention(num_slots=3, dim=16, input_dim=8)
+    slots, inputs, grid = torch.randn(2, 3, 16), torch.randn(2, 24, 8), grid_positions(4, 6)
+    position, scale = torch.rand(2, 3, 2) * 2 - 1, torch.rand(2, 3, 2) + 0.1
+    balance = torch.randn(2, 3, 1)
+    new_slots, new_position, new_scale, attn = isa.step(slots, position, scale, inputs, grid, balance)
+
+    rel = (grid[None, None] - position[:, :, None]) / scale[:, :, None]  # [B, K, N, 2]
+    seen = inputs[:, None] + isa.phi(rel)  # [B, K, N, D_in]
+    keys, values = isa.to_k(seen), isa.to_v(seen)  # [B, K, N, D] each
+    q = isa.to_q(isa.norm_slots(slots)) * isa.scale  # [B, K, D]
+    expected_attn = (torch.einsum("bkd,bknd->bkn", q, keys) + balance).softmax(dim=1)  # [B, K, N]
+    weights = (expected_attn + isa.eps) / (expected_attn + isa.eps).sum(dim=-1, keepdim=True)
+    updates = torch.einsum("bkn,bknd->bkd", weights, values)  # [B, K, D]
+    expected_slots = isa.gru(updates.reshape(-1, 16), slots.reshape(-1, 16)).reshape(2, 3, 16)
+    expected_slots = expected_slots + isa.mlp(isa.norm_mlp(expected_slots))
+    torch.testing.assert_close(attn, expected_attn, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new_slots, expected_slots, rtol=1e-4, atol=1e-5)
+    expected_position, expected_scale = frame_of(weights, grid)
+    torch.testing.assert_close(new_position, expected_position)
+    torch.testing.assert_close(new_scale, expected_scale)
+
+
+def test_slot_balance_under_invariant_slot_attention_reaches_the_logits_from_the_second_iteration():
+    from slotlab.models.invariant_slot_attention import InvariantSlotAttention
+
+    torch.manual_seed(0)
+    plain = InvariantSlotAttention(num_slots=3, dim=16, iters=2, input_dim=8)
+    balanced = InvariantSlotAttention(num_slots=3, dim=16, iters=2, input_dim=8, slot_balance=1.0)
+    balanced.load_state_dict(plain.state_dict())
+    inputs = torch.randn(2, 24, 8)
+    first, second = (isa(inputs, feature_size=(4, 6)) for isa in (plain, balanced))
+    torch.testing.assert_close(first.attn_per_iter[0], second.attn_per_iter[0])
+    assert not torch.allclose(first.attn, second.attn)
+    config = apply_overrides(get_preset("smoke"), ["model.grouping=invariant_slot_attention", "model.slot_balance=1"])
+    assert build_model(config).grouping.slot_balance == 1.0
+
+
 def test_framed_decoder_fast_path_equals_the_plain_one():
     from slotlab.models import SpatialBroadcastDecoder
 

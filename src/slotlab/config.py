@@ -133,7 +133,7 @@ class ModelConfig:
     compactness: float = _field(0.0, lo=0.0)
     # gamma: from the second iteration on, each slot's attention logits get -gamma * log(the share of the pixels it
     # took in the previous iteration), a step of Sinkhorn's balancing at gamma = 1, so no learned query stays empty
-    # while others take two objects each (slot_attention grouping only). 0 = the paper's attention
+    # while others take two objects each (slot_attention and invariant_slot_attention). 0 = the paper's attention
     slot_balance: float = _field(0.0, lo=0.0)
     # Decoder position embedding: 0 = the paper's linear map of (x, y, 1-x, 1-y); L > 0 = Fourier features of
     # (x, y) with L octaves (in each slot's frame under invariant slot attention), for sharp edges sooner
@@ -932,9 +932,9 @@ def _check_relations(config: Config) -> None:
     if model.compactness and (config.task != "autoencoder" or model.decoder_pixels < 1):
         raise UserError(f"model.compactness={model.compactness} needs task=autoencoder with the whole image decoded "
                         f"(task={config.task}, model.decoder_pixels={model.decoder_pixels}; set model.compactness=0)")
-    if model.slot_balance and model.grouping != "slot_attention":
-        raise UserError(f"model.slot_balance={model.slot_balance} needs model.grouping=slot_attention "
-                        f"(model.grouping={model.grouping}; set model.slot_balance=0)")
+    if model.slot_balance and model.grouping not in ("slot_attention", "invariant_slot_attention"):
+        raise UserError(f"model.slot_balance={model.slot_balance} needs model.grouping=slot_attention or "
+                        f"invariant_slot_attention (model.grouping={model.grouping}; set model.slot_balance=0)")
     if model.slot_rgb_grid and (config.task != "autoencoder" or model.decoder_kind != "cnn" or model.background_grid
                                 or model.slot_rgb_grid > model_resolution(config)):
         raise UserError(f"model.slot_rgb_grid={model.slot_rgb_grid} needs task=autoencoder, model.decoder_kind=cnn, "

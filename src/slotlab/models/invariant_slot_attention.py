@@ -10,9 +10,10 @@ says where it is. The decoder draws each slot in its frame (:class:`~slotlab.mod
 pieces about ten times sooner than one given absolute positions (measured in docs/discovery/levers.md).
 
 Cheaper than the paper's form, same idea: the relative position enters through a small MLP on the two coordinates
-(``phi``), added to the normalised input features; keys and values are linear in that sum, so the key and value
-projections act on the slots' side (as :meth:`SlotAttention.step_folded` does) and the ``[B, K, N, D]`` keys are never
-formed.
+(``phi``), added to the normalised input features; keys and values are linear in that sum and in phi's last layer,
+so the key and value projections and phi's output layer act on the slots' side (as :meth:`SlotAttention.step_folded`
+does): per slot and input only phi's hidden layer is formed, never the ``[B, K, N, D]`` keys or the inputs seen from
+each frame.
 
 Shapes: inputs ``[B, N, D_in]`` on an ``h x w`` grid, slots ``[B, K, D]``, attention ``[B, K, N]`` (softmax over the
 K slots), positions and scales ``[B, K, 2]`` as (x, y).
@@ -32,6 +33,7 @@ from slotlab.models.slot_attention import (
     IterativeGrouping,
     init_options,
     iteration_grad,
+    slot_balance_logits,
     straight_through,
 )
 
@@ -69,6 +71,8 @@ class InvariantSlotAttention(IterativeGrouping):
         detach_last: BO-QSA's straight-through last iteration, for the slots and their frames.
         position_hidden: width of ``phi``, the MLP on the relative coordinates.
         init_scale: the scale of every frame before the first iteration.
+        slot_balance: gamma of :func:`~slotlab.models.slot_attention.slot_balance_logits`, added to the logits from
+            the second iteration on (0 = none).
     """
 
     frames = True  # its slots come with positions and scales: the encoder adds no absolute position, the decoder
@@ -76,12 +80,13 @@ class InvariantSlotAttention(IterativeGrouping):
 
     def __init__(self, num_slots: int, dim: int, iters: int = 3, hidden_dim: int = 128, eps: float = 1e-8,
                  input_dim: int | None = None, slot_init: str = "learned", detach_last: bool = False,
-                 position_hidden: int = 32, init_scale: float = 0.5):
+                 position_hidden: int = 32, init_scale: float = 0.5, slot_balance: float = 0.0):
         super().__init__()
         input_dim = input_dim or dim
         self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
         self.scale = dim**-0.5
         self.detach_last = detach_last
+        self.slot_balance = slot_balance
         self.init = SLOT_INITS.build(slot_init, num_slots, dim)
         side = math.ceil(math.sqrt(num_slots))  # initial positions on a side x side lattice, then learned
         lattice = grid_positions(side, side)[:num_slots] * 0.5  # [K, 2]
@@ -99,23 +104,33 @@ class InvariantSlotAttention(IterativeGrouping):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim))
 
     def step(self, slots: torch.Tensor, position: torch.Tensor, scale: torch.Tensor, inputs: torch.Tensor,
-             grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             grid: torch.Tensor, balance: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One iteration: inputs seen from each slot's frame, attention (softmax over slots), weighted mean, GRU,
         residual MLP, then the new frames.
 
         Args:
-            slots: ``[B, K, D]``; position, scale: ``[B, K, 2]``; inputs: normalised ``[B, N, D_in]``; grid ``[N, 2]``.
+            slots: ``[B, K, D]``; position, scale: ``[B, K, 2]``; inputs: normalised ``[B, N, D_in]``; grid ``[N, 2]``;
+            balance: ``[B, K, 1]`` added to the attention logits (``model.slot_balance``), or None.
         """
         b, num_slots, d = slots.shape
         rel = (grid[None, None] - position[:, :, None]) / scale[:, :, None]  # [B, K, N, 2]
-        seen = inputs[:, None] + self.phi(rel)  # [B, K, N, D_in]: input i as slot k sees it
-        q = self.to_q(self.norm_slots(slots)) * self.scale  # [B, K, D]
-        # k_ki = W_k seen_ki, so q_k . k_ki = (q_k W_k) . seen_ki: the keys are never formed.
-        logits = torch.einsum("bke,bkne->bkn", q @ self.to_k.weight, seen)  # [B, K, N]
+        hidden = self.phi[1](self.phi[0](rel))  # [B, K, N, H]: phi's hidden layer
+        w_out, b_out = self.phi[2].weight, self.phi[2].bias  # [D_in, H], [D_in]
+        # Input i as slot k sees it is seen_ki = inputs_i + W_out hidden_ki + b_out, and keys and values are linear
+        # in it, so everything is computed on the slots' side and the [B, K, N, D_in] tensor is never formed.
+        key_dir = self.to_q(self.norm_slots(slots)) * self.scale @ self.to_k.weight  # [B, K, D_in]: q_k W_k
+        logits = (torch.bmm(key_dir, inputs.transpose(1, 2))  # [B, K, N]: q_k . k(inputs_i)
+                  + torch.einsum("bkh,bknh->bkn", key_dir @ w_out, hidden)  # + q_k . k(phi(rel_ki))
+                  + (key_dir @ b_out)[..., None])  # [B, K, N]
+        if balance is not None:
+            logits = logits + balance
         attn = logits.softmax(dim=1)  # [B, K, N], normalised over slots
         weights = attn + self.eps
         weights = weights / weights.sum(dim=-1, keepdim=True)  # [B, K, N], a weighted mean over the inputs
-        updates = self.to_v(torch.einsum("bkn,bkne->bke", weights, seen))  # [B, K, D]: v is linear
+        mean_seen = (torch.bmm(weights, inputs)  # [B, K, D_in]: the weighted mean of seen_ki
+                     + torch.einsum("bkn,bknh->bkh", weights, hidden) @ w_out.t() + b_out)
+        updates = self.to_v(mean_seen)  # [B, K, D]: v is linear
         slots = self.gru(updates.reshape(-1, d), slots.reshape(-1, d)).reshape(b, num_slots, d)
         slots = slots + self.mlp(self.norm_mlp(slots))  # [B, K, D]
         position, scale = frame_of(weights, grid)  # [B, K, 2] each
@@ -139,6 +154,7 @@ class InvariantSlotAttention(IterativeGrouping):
         position, scale = init_position, torch.full_like(init_position, self.init_scale)
         slots = init_slots
         attn_per_iter = []
+        balance = None
         iters = self.num_iters
         for t in range(iters):
             if self.detach_last and t == iters - 1:
@@ -146,7 +162,9 @@ class InvariantSlotAttention(IterativeGrouping):
                 position = straight_through(position, init_position)
                 scale = scale.detach()
             with iteration_grad(t, iters, self.detach_last):
-                slots, position, scale, attn = self.step(slots, position, scale, inputs, grid)
+                slots, position, scale, attn = self.step(slots, position, scale, inputs, grid, balance)
+            if self.slot_balance and t < iters - 1:  # for the next iteration: a step towards equal shares
+                balance = slot_balance_logits(attn.detach(), self.slot_balance)  # [B, K, 1]
             attn_per_iter.append(attn)
         return GroupingOutput(slots=slots, attn=attn, attn_per_iter=attn_per_iter, positions=position,
                               scales=scale)
@@ -156,7 +174,7 @@ class InvariantSlotAttention(IterativeGrouping):
 def _build_invariant_slot_attention(cfg) -> InvariantSlotAttention:
     return InvariantSlotAttention(
         num_slots=cfg.num_slots, dim=cfg.slot_dim, iters=cfg.iters, hidden_dim=cfg.slot_hidden_dim, eps=cfg.eps,
-        input_dim=cfg.input_dim, **init_options(cfg),
+        input_dim=cfg.input_dim, slot_balance=cfg.slot_balance, **init_options(cfg),
     )
 
 
